@@ -1,0 +1,133 @@
+"""Train one target model: data -> random half -> mechanism -> checkpoint files."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import mechanisms
+from mechanisms import build_model, config_from_mapping, get_mechanism
+from mechanisms.training import accuracy
+
+from .checkpoint import save_checkpoint
+from .data import DataOptions, Dataset, load_dataset
+
+__all__ = ["TrainRequest", "check_output_dir", "half_mask", "resolve_device", "train_target"]
+
+MODEL_SCHEMA = "mia-audit/model/v1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainRequest:
+    dataset: str
+    model: str
+    mechanism: str = "sgd"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data_options: DataOptions = dataclasses.field(default_factory=DataOptions)
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def half_mask(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A bool[n] mask with exactly n // 2 members chosen uniformly at random."""
+    keep = np.zeros(n, dtype=bool)
+    keep[rng.permutation(n)[: n // 2]] = True
+    return keep
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an output folder that already holds files unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"output directory {str(out)!r} already holds files; pass --overwrite to replace them"
+        )
+    return out
+
+
+def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
+    """Train a target on a random half of the population and write its checkpoint to ``out``.
+
+    Seeds: ``SeedSequence(seed)`` spawns independent streams for the membership half, the
+    weight initialisation and the training randomness (sampling, noise).
+    """
+    mechanism = get_mechanism(request.mechanism)
+    config = config_from_mapping(mechanism.config_type, {**request.options, "progress": request.progress})
+    data: Dataset = load_dataset(request.dataset, request.data_options)
+    device = resolve_device(request.device)
+    keep_seq, init_seq, train_seq = np.random.SeedSequence(request.seed).spawn(3)
+    keep = half_mask(data.population, np.random.default_rng(keep_seq))
+    init_seed = int(init_seq.generate_state(1)[0])
+    model = build_model(request.model, data.input_shape, data.num_classes, seed=init_seed).to(device)
+    if mechanism.validate_model is not None:
+        mechanism.validate_model(model)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(train_seq.generate_state(1)[0]))
+
+    members = torch.from_numpy(keep)
+    x, y = data.x.to(device), data.y.to(device)
+    start = time.perf_counter()
+    result = mechanism.train(model, x[members], y[members], config=config, generator=generator)
+    seconds = time.perf_counter() - start
+
+    model.load_state_dict(result.state_dict)
+    train_acc = accuracy(model, x[members], y[members])
+    if data.x_test is not None:
+        test_acc, split = accuracy(model, data.x_test.to(device), data.y_test.to(device)), "test"
+    else:
+        test_acc, split = accuracy(model, x[~members], y[~members]), "population-out"
+    hyper = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
+    meta: dict[str, Any] = {
+        "schema": MODEL_SCHEMA,
+        "model": request.model,
+        "mechanism": request.mechanism,
+        "dataset": {
+            "id": data.id,
+            "population": data.population,
+            "num_classes": data.num_classes,
+            "input_shape": list(data.input_shape),
+            "sha256": data.sha256,
+            "options": request.data_options.to_json(),
+        },
+        "hyperparameters": hyper,
+        "privacy": result.privacy.to_json(),
+        "train_accuracy": train_acc,
+        "test_accuracy": test_acc,
+        "test_split": split,
+        "train_seconds": round(seconds, 3),
+        "seed": request.seed,
+        "members": int(keep.sum()),
+        "history": result.history,
+        "extras": result.extras,
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": str(device),
+            "mia_audit": getattr(mechanisms, "__version__", "0.1.0"),
+        },
+    }
+    save_checkpoint(out, result.state_dict, meta, keep)
+    return meta

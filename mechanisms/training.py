@@ -1,0 +1,65 @@
+"""Pieces of a training loop shared by the mechanisms: optimizer, schedule, evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import NonFiniteLossError, TrainConfig
+
+__all__ = ["accuracy", "check_finite", "make_optimizer", "make_scheduler", "progress_bar"]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Constant, or cosine decay from ``lr`` to 0 over ``total_steps`` optimizer steps."""
+    if config.schedule == "cosine":
+        steps = max(1, total_steps)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, steps) / steps))
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
+
+
+def check_finite(loss: float, epoch: int, step: int) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(epoch, step, loss)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` on (x, y), in eval mode, batched."""
+    if len(y) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+    model.train(was_training)
+    return correct / len(y)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    total = 0.0
+    for i in range(0, len(y), batch_size):
+        total += float(F.cross_entropy(model(x[i : i + batch_size]), y[i : i + batch_size], reduction="sum"))
+    return total / max(1, len(y))
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, unit="step", leave=False)

@@ -1,0 +1,89 @@
+"""The command line: train end to end, listings, exit codes, nothing lost on bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from audit.cli import main
+
+
+def _train(tmp_path, *extra, name="run"):
+    out = tmp_path / name
+    argv = ["train", "--dataset", "digits", "--model", "mlp", "--epochs", "10", "--quiet", "--out", str(out), *extra]
+    return main(argv), out
+
+
+def test_train_digits_mlp_writes_checkpoint_and_reaches_accuracy(tmp_path, capsys):
+    code, out = _train(tmp_path)
+    assert code == 0
+    meta = json.loads((out / "model.json").read_text())
+    keep = np.load(out / "keep.npy")
+    assert keep.dtype == bool and keep.shape == (1797,) and keep.sum() == 1797 // 2
+    assert meta["mechanism"] == "sgd" and meta["privacy"]["formal"] is False
+    assert meta["test_accuracy"] >= 0.90, meta["test_accuracy"]
+    assert meta["dataset"]["id"] == "digits" and meta["seed"] == 0
+    assert set(load_file(out / "model.safetensors")) == {"1.weight", "1.bias", "3.weight", "3.bias"}
+    assert "held-out accuracy" in capsys.readouterr().out
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path):
+    _, a = _train(tmp_path, "--epochs", "2", name="a")
+    _, b = _train(tmp_path, "--epochs", "2", name="b")
+    _, c = _train(tmp_path, "--epochs", "2", "--seed", "1", name="c")
+    wa, wb, wc = (load_file(d / "model.safetensors") for d in (a, b, c))
+    assert all((wa[k] == wb[k]).all() for k in wa)
+    assert not all((wa[k] == wc[k]).all() for k in wa)
+    assert (np.load(a / "keep.npy") == np.load(b / "keep.npy")).all()
+
+
+def test_existing_output_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _ = _train(tmp_path)
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    code, _ = _train(tmp_path, "--epochs", "1", "--overwrite")
+    assert code == 0 and (out / "model.json").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "imagenet", "--model", "mlp"], "known datasets"),
+        (["--dataset", "digits", "--model", "vgg"], "known models"),
+        (["--dataset", "digits", "--model", "mlp", "--mechanism", "magic"], "known mechanisms: dpsgd"),
+        (["--dataset", "digits", "--model", "mlp", "--noise-multiplier", "1"], "does not apply to mechanism 'sgd'"),
+        (["--dataset", "mnist", "--model", "mlp", "--data-root", "/nonexistent"], "does not exist"),
+        (["--dataset", "digits", "--model", "mlp", "--epochs", "0"], "epochs must be >= 1"),
+        (["--dataset", "digits", "--model", "tests.user_models:with_batchnorm", "--mechanism", "dpsgd",
+          "--noise-multiplier", "1"], "BatchNorm"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert main(["train", *argv, "--quiet", "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_non_finite_loss_stops_and_keeps_nothing(tmp_path, capsys):
+    code, out = _train(tmp_path, "--lr", "1e30", "--momentum", "0")
+    err = capsys.readouterr().err
+    assert code == 2 and "non-finite loss" in err and "epoch 1, step" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_listings(capsys):
+    for kind, expected in [("datasets", "mnist5k"), ("models", "resnet20"), ("mechanisms", "dpsgd")]:
+        assert main([kind]) == 0
+        assert expected in capsys.readouterr().out
+    assert main(["attacks"]) == 0
+
+
+def test_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0 and "--noise-multiplier" in capsys.readouterr().out

@@ -1,0 +1,158 @@
+"""DP-SGD: the step against plain SGD, Poisson sampling, noise, accounting and calibration."""
+
+import json
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from audit.train import TrainRequest, train_target
+from mechanisms.accounting import calibrate_noise_multiplier, dpsgd_event, epsilon
+from mechanisms.dpsgd import DpSgdConfig, noisy_gradient, plan_dpsgd, train_dpsgd
+from mechanisms.models import build_model
+from mechanisms.sampling import poisson_lot
+
+
+def _reference_epsilon(q, sigma, steps, delta, accountant="pld"):
+    """Oracle straight from dp-accounting, independent of mechanisms.accounting."""
+    acc = dp_accounting.pld.PLDAccountant() if accountant == "pld" else dp_accounting.rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    acc.compose(event, steps)
+    return acc.get_epsilon(delta)
+
+
+def test_no_noise_huge_clip_step_equals_plain_sgd():
+    model = build_model("cnn", (1, 28, 28), 10, seed=0).double()
+    x, y = torch.rand(12, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (12,))
+    g = torch.Generator().manual_seed(0)
+    grads, _ = noisy_gradient(
+        model, x, y, clip_norm=1e9, noise_multiplier=0.0, expected_batch_size=12, generator=g
+    )
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_physical_chunks_do_not_change_the_result():
+    model = build_model("mlp", (1, 8, 8), 10, seed=0).double()
+    x, y = torch.rand(50, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (50,))
+    kw = dict(clip_norm=0.1, noise_multiplier=1.0, expected_batch_size=40.0)
+    a, _ = noisy_gradient(model, x, y, generator=torch.Generator().manual_seed(1), physical_batch_size=50, **kw)
+    b, _ = noisy_gradient(model, x, y, generator=torch.Generator().manual_seed(1), physical_batch_size=7, **kw)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-10, atol=1e-13)
+
+
+def test_noise_has_std_sigma_c_over_expected_batch():
+    model = build_model("cnn", (1, 28, 28), 10, seed=0).double()
+    x, y = torch.rand(8, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (8,))
+    sigma, c, b = 1.3, 0.7, 64.0
+    clean, _ = noisy_gradient(model, x, y, clip_norm=c, noise_multiplier=0.0, expected_batch_size=b,
+                              generator=torch.Generator())
+    noisy, _ = noisy_gradient(model, x, y, clip_norm=c, noise_multiplier=sigma, expected_batch_size=b,
+                              generator=torch.Generator().manual_seed(5))
+    diff = torch.cat([(noisy[n] - clean[n]).flatten() for n in clean]) * b
+    d = diff.numel()
+    assert (diff != 0).all(), "noise must cover every coordinate"
+    # std estimate of d i.i.d. normals has relative standard error 1/sqrt(2d); allow 5 of them
+    assert abs(float(diff.std()) / (sigma * c) - 1) < 5 / np.sqrt(2 * d)
+    assert abs(float(diff.mean())) < 5 * sigma * c / np.sqrt(d)
+
+
+def test_empty_lot_is_pure_noise():
+    model = build_model("mlp", (4,), 2, seed=0)
+    x, y = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    grads, loss = noisy_gradient(model, x, y, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=10,
+                                 generator=torch.Generator().manual_seed(0))
+    assert loss == 0.0 and all(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_poisson_lot_sizes_are_binomial():
+    g = torch.Generator().manual_seed(123)
+    n, q, lots = 400, 0.05, 3000
+    sizes = np.array([len(poisson_lot(n, q, g)) for _ in range(lots)])
+    # the total is Binomial(n * lots, q): an exact two-sided test
+    assert stats.binomtest(int(sizes.sum()), n * lots, q).pvalue > 1e-3
+    # and the size distribution matches Binomial(n, q): chi-square on pooled bins
+    edges = [0, 14, 17, 19, 21, 23, 26, n + 1]
+    observed = np.histogram(sizes, bins=edges)[0]
+    expected = np.diff(stats.binom.cdf(np.array(edges) - 1, n, q)) * lots
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
+    assert sizes.std() > 0  # lots vary in size: not fixed batches
+
+
+def test_epsilon_matches_dp_accounting_for_both_accountants():
+    for acc in ("pld", "rdp"):
+        ours = epsilon(dpsgd_event(noise_multiplier=1.1, sample_rate=0.01, steps=500), delta=1e-5, accountant=acc)
+        assert ours == pytest.approx(_reference_epsilon(0.01, 1.1, 500, 1e-5, acc), rel=1e-12)
+
+
+@pytest.mark.parametrize("target", [1.0, 4.0, 8.0])
+def test_calibration_lands_within_one_percent_below_target(target):
+    q, steps = 128 / 2500, 200
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=target, delta=1e-5,
+        make_event=lambda s: dpsgd_event(noise_multiplier=s, sample_rate=q, steps=steps),
+    )
+    eps = _reference_epsilon(q, sigma, steps, 1e-5)
+    assert 0.99 * target <= eps <= target
+
+
+def test_unreachable_target_names_the_smallest_reachable_epsilon():
+    with pytest.raises(ValueError, match="smallest reachable epsilon"):
+        calibrate_noise_multiplier(target_epsilon=1e-4, delta=1e-5,
+                                   make_event=lambda s: dpsgd_event(noise_multiplier=s, sample_rate=0.5, steps=10_000))
+
+
+def test_delta_must_be_below_one_over_n():
+    with pytest.raises(ValueError, match="allow-large-delta"):
+        plan_dpsgd(DpSgdConfig(noise_multiplier=1.0, delta=0.01, batch_size=10), n=200)
+    with pytest.warns(UserWarning, match="WEAK GUARANTEE"):
+        plan_dpsgd(DpSgdConfig(noise_multiplier=1.0, delta=0.01, batch_size=10, allow_large_delta=True), n=200)
+
+
+def test_config_needs_exactly_one_of_sigma_or_epsilon():
+    with pytest.raises(ValueError, match="exactly one"):
+        DpSgdConfig()
+    with pytest.raises(ValueError, match="exactly one"):
+        DpSgdConfig(noise_multiplier=1.0, epsilon=3.0)
+
+
+def test_batchnorm_is_refused():
+    model = build_model("tests.user_models:with_batchnorm", (4,), 2)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train_dpsgd(model, torch.zeros(20, 4), torch.zeros(20, dtype=torch.long),
+                    config=DpSgdConfig(noise_multiplier=1.0, batch_size=5, delta=1e-3), generator=torch.Generator())
+
+
+def _request(**options):
+    return TrainRequest(dataset="digits", model="mlp", mechanism="dpsgd", progress=False,
+                        options={"epochs": 2, "batch_size": 64, "lr": 0.5, **options})
+
+
+def test_model_json_epsilon_equals_dp_accounting_recomputed(tmp_path):
+    meta = train_target(_request(epsilon=3.0), tmp_path)
+    saved = json.loads((tmp_path / "model.json").read_text())["privacy"]
+    assert saved == meta["privacy"] and saved["formal"] is True and saved["accountant"] == "pld"
+    recomputed = _reference_epsilon(saved["sample_rate"], saved["noise_multiplier"], saved["steps"], saved["delta"])
+    assert saved["epsilon"] == pytest.approx(recomputed, rel=1e-12)
+    assert 0.99 * 3.0 <= saved["epsilon"] <= 3.0
+    assert saved["sample_rate"] == 64 / 898 and saved["steps"] == 2 * round(898 / 64) and saved["clip_norm"] == 1.0
+
+
+def test_dpsgd_same_seed_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    train_target(_request(noise_multiplier=1.0), tmp_path / "a")
+    train_target(_request(noise_multiplier=1.0), tmp_path / "b")
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_dpsgd_learns_on_digits(tmp_path):
+    meta = train_target(_request(noise_multiplier=1.0, epochs=8, lr=1.0, momentum=0.0), tmp_path)
+    assert meta["test_accuracy"] > 0.6, meta["test_accuracy"]  # chance is 0.1

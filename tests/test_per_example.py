@@ -1,0 +1,112 @@
+"""Per-example gradients and clipping against a loop over single examples (the oracle)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from mechanisms.models import build_model
+from mechanisms.per_example import clip_factors, clipped_grad_sum, ghost_supported, per_example_grads
+
+
+def _loop_grads(model, x, y):
+    """Oracle: one backward pass per example."""
+    out = []
+    for i in range(len(y)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    return out
+
+
+def _loop_clipped_sum(model, x, y, c):
+    grads = _loop_grads(model, x, y)
+    norms = torch.stack([torch.cat([g.flatten() for g in d.values()]).norm() for d in grads])
+    total = {n: sum(min(1.0, c / float(norms[i])) * d[n] for i, d in enumerate(grads)) for n in grads[0]}
+    return total, norms
+
+
+class SeqModel(nn.Module):
+    """Linear layers on a sequence axis, a dilated biased conv and a LayerNorm (vmap only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2)
+        self.lin = nn.Linear(3, 4)
+        self.ln = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(2).transpose(1, 2)  # [B, L, 3]
+        return self.head(self.ln(torch.tanh(self.lin(h))).mean(1))
+
+
+CASES = [
+    ("mlp", (1, 8, 8)),
+    ("cnn", (1, 28, 28)),
+    ("resnet8", (3, 12, 12)),
+]
+
+
+def _model(name, shape):
+    torch.manual_seed(0)
+    model = SeqModel() if name == "seq" else build_model(name, shape, 5, seed=0)
+    return model.double()
+
+
+@pytest.mark.parametrize("name, shape", [*CASES, ("seq", (2, 9, 9))])
+def test_vmap_per_example_grads_equal_loop(name, shape):
+    model = _model(name, shape)
+    x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 5, (6,))
+    fast = per_example_grads(model, x, y)
+    slow = _loop_grads(model, x, y)
+    for n in fast:
+        for i in range(6):
+            torch.testing.assert_close(fast[n][i], slow[i][n], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("engine", ["ghost", "vmap"])
+@pytest.mark.parametrize("name, shape", CASES)
+def test_clipped_sum_equals_loop(engine, name, shape):
+    model = _model(name, shape)
+    x, y = torch.randn(7, *shape, dtype=torch.float64) * 3, torch.randint(0, 5, (7,))
+    c = 0.5
+    got = clipped_grad_sum(model, x, y, clip_norm=c, engine=engine)
+    want, norms = _loop_clipped_sum(model, x, y, c)
+    torch.testing.assert_close(got.norms, norms, rtol=1e-10, atol=1e-12)
+    assert set(got.grads) == set(want)
+    for n in want:
+        # 1e-6 / norm is the deliberate NORM_EPS difference between clip_factors and the oracle
+        torch.testing.assert_close(got.grads[n], want[n], rtol=1e-5, atol=1e-9)
+    assert (norms > c).any(), "test must exercise clipping"
+
+
+def test_auto_falls_back_to_vmap_for_unsupported_layers():
+    model = _model("seq", (2, 9, 9))
+    assert not ghost_supported(model) and ghost_supported(build_model("resnet8", (3, 8, 8), 2))
+    x, y = torch.randn(5, 2, 9, 9, dtype=torch.float64), torch.randint(0, 5, (5,))
+    got = clipped_grad_sum(model, x, y, clip_norm=0.1)
+    want, _ = _loop_clipped_sum(model, x, y, 0.1)
+    for n in want:
+        torch.testing.assert_close(got.grads[n], want[n], rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="does not support"):
+        clipped_grad_sum(model, x, y, clip_norm=0.1, engine="ghost")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=50), st.floats(1e-3, 1e3))
+def test_clipped_norms_never_exceed_c(norms, c):
+    n = torch.tensor(norms, dtype=torch.float64)
+    f = clip_factors(n, c)
+    assert bool(((f * n) <= c).all()) and bool((f <= 1).all()) and bool((f > 0).all())
+
+
+def test_clipped_per_example_norms_bounded_on_real_gradients():
+    model = _model("cnn", (1, 28, 28))
+    x, y = torch.randn(16, 1, 28, 28, dtype=torch.float64) * 5, torch.randint(0, 5, (16,))
+    grads = per_example_grads(model, x, y)
+    flat = torch.cat([g.flatten(1) for g in grads.values()], 1)
+    clipped = flat * clip_factors(flat.norm(dim=1), 0.01)[:, None]
+    assert float(clipped.norm(dim=1).max()) <= 0.01
