@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from .accounting import ACCOUNTANTS, calibrate_noise_multiplier, dpsgd_event, epsilon
 from .base import Mechanism, Privacy, TrainConfig, TrainResult
-from .per_example import clipped_grad_sum
+from .per_example import Workspace, clipped_grad_sum
 from .registry import register_mechanism
 from .sampling import poisson_lot, steps_per_epoch
 from .training import check_finite, make_optimizer, make_scheduler, progress_bar
@@ -26,6 +27,7 @@ from .training import check_finite, make_optimizer, make_scheduler, progress_bar
 __all__ = [
     "DpSgdConfig",
     "DpSgdPlan",
+    "dpsgd_epoch",
     "noisy_gradient",
     "plan_dpsgd",
     "refuse_batchnorm",
@@ -144,6 +146,7 @@ def noisy_gradient(
     generator: torch.Generator,
     physical_batch_size: int = 1024,
     engine: str = "auto",
+    workspace: Workspace | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """The privatised mean gradient of one lot and the lot's summed (non-private) loss.
 
@@ -160,6 +163,7 @@ def noisy_gradient(
             y[start : start + physical_batch_size],
             clip_norm=clip_norm,
             engine=engine,
+            workspace=workspace,
         )
         for n, g in part.grads.items():
             total[n] += g
@@ -169,6 +173,54 @@ def noisy_gradient(
         noise = torch.normal(0.0, std, t.shape, generator=generator, device=t.device, dtype=t.dtype)
         t.add_(noise).div_(expected_batch_size)
     return total, loss_sum
+
+
+def dpsgd_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    plan: DpSgdPlan,
+    config: DpSgdConfig,
+    generator: torch.Generator,
+    epoch: int = 1,
+    on_step: Callable[[], None] | None = None,
+) -> float:
+    """One epoch (``plan.steps / epochs`` Poisson lots) of DP-SGD; returns the mean train loss.
+
+    The loss is a diagnostic computed on private data without noise: it is not covered by the
+    DP guarantee and is never used by the training itself.
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    workspace = Workspace()
+    total, count = 0.0, 0
+    for step in range(1, plan.steps // config.epochs + 1):
+        lot = poisson_lot(len(y), plan.sample_rate, generator)
+        grads, loss_sum = noisy_gradient(
+            model,
+            x[lot],
+            y[lot],
+            clip_norm=config.clip_norm,
+            noise_multiplier=plan.noise_multiplier,
+            expected_batch_size=plan.expected_batch_size,
+            generator=generator,
+            physical_batch_size=config.physical_batch_size,
+            engine=config.engine,
+            workspace=workspace,
+        )
+        if len(lot):
+            check_finite(loss_sum, epoch, step)
+        for name, g in grads.items():
+            params[name].grad = g
+        optimizer.step()
+        scheduler.step()
+        total += loss_sum
+        count += len(lot)
+        if on_step is not None:
+            on_step()
+    return total / max(1, count)
 
 
 def train_dpsgd(
@@ -185,36 +237,23 @@ def train_dpsgd(
     plan = plan_dpsgd(config, n)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, plan.steps)
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    per_epoch = plan.steps // config.epochs
     history: list[dict[str, float]] = []
     model.train()
     with progress_bar(plan.steps, "dpsgd", config.progress) as bar:
         for epoch in range(1, config.epochs + 1):
-            total, count = 0.0, 0
-            for step in range(1, per_epoch + 1):
-                lot = poisson_lot(n, plan.sample_rate, generator)
-                grads, loss_sum = noisy_gradient(
-                    model,
-                    x[lot],
-                    y[lot],
-                    clip_norm=config.clip_norm,
-                    noise_multiplier=plan.noise_multiplier,
-                    expected_batch_size=plan.expected_batch_size,
-                    generator=generator,
-                    physical_batch_size=config.physical_batch_size,
-                    engine=config.engine,
-                )
-                if len(lot):
-                    check_finite(loss_sum, epoch, step)
-                for name, g in grads.items():
-                    params[name].grad = g
-                optimizer.step()
-                scheduler.step()
-                total += loss_sum
-                count += len(lot)
-                bar.update(1)
-            history.append({"epoch": epoch, "train_loss": total / max(1, count)})
+            loss = dpsgd_epoch(
+                model,
+                optimizer,
+                scheduler,
+                x,
+                y,
+                plan=plan,
+                config=config,
+                generator=generator,
+                epoch=epoch,
+                on_step=lambda: bar.update(1),
+            )
+            history.append({"epoch": epoch, "train_loss": loss})
     event = dpsgd_event(
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps
     )

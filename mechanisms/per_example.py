@@ -27,6 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 __all__ = [
     "ClippedSum",
+    "Workspace",
     "clip_factors",
     "clipped_grad_sum",
     "ghost_supported",
@@ -55,6 +56,29 @@ class ClippedSum:
     grads: dict[str, torch.Tensor]
     norms: torch.Tensor
     loss_sum: float
+
+
+class Workspace:
+    """Scratch buffers reused from step to step by the ghost engine.
+
+    The per-example temporaries (patch matrices, per-example weight gradients) are several MB;
+    allocating them afresh each step costs page faults that on CPU double the engine's time.
+    A workspace keeps one flat buffer per key, grown as needed, and hands out views of it.
+    Views are only valid until the next call that uses the same workspace.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
+
+    def get(self, key: tuple[int, str], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._buffers[key] = buf
+        return buf[:numel].view(shape)
 
 
 def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
@@ -125,8 +149,9 @@ class _LayerRule:
     ``g[i]`` only (no BatchNorm), which is what makes one backward pass enough.
     """
 
-    def __init__(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> None:
+    def __init__(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, ws: Workspace) -> None:
         self.module = module
+        self.ws = ws
         self.parts: dict[str, torch.Tensor] = {}  # name -> per-example gradient [B, ...]
         self.linear: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sq = torch.zeros(a.shape[0], dtype=g.dtype, device=g.device)
@@ -145,7 +170,11 @@ class _LayerRule:
 
     def _add(self, name: str, per_example: torch.Tensor) -> None:
         self.parts[name] = per_example
-        self.sq += per_example.flatten(1).pow(2).sum(1)
+        # vector_norm needs no full-size temporary, unlike pow(2).sum()
+        self.sq += torch.linalg.vector_norm(per_example.flatten(1), dim=1).square()
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return self.ws.get((id(self.module), name), shape, like)
 
     def _linear(self, module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> None:
         if a.dim() == 2:
@@ -163,21 +192,59 @@ class _LayerRule:
             self._add("bias", g3.sum(1))
 
     def _conv(self, module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> None:
+        g2 = g.flatten(2)  # [B, O, L]
+        if self._wants("weight"):
+            if a.shape[1] == 1:
+                self._add("weight", self._conv_patches(module, a, g2))
+            else:
+                self._add("weight", self._conv_grouped(module, a, g))
+        if self._wants("bias"):
+            self._add("bias", g2.sum(2))
+
+    def _conv_patches(self, module: nn.Conv2d, a: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+        """Per-example weight gradients as batched GEMMs over explicit patch matrices.
+
+        Patches are taken in channels-last order [B, L, kh*kw*C] (about twice as fast as
+        F.unfold on CPU), so the result has layout [B, O, kh, kw, C]; ``finish`` undoes it.
+        """
         (kh, kw), (sh, sw) = module.kernel_size, module.stride
         (ph, pw), (dh, dw) = module.padding, module.dilation
         b, c = a.shape[:2]
-        # Patches in channels-last order [B, L, kh*kw*C]: about twice as fast as F.unfold on
-        # CPU. The per-example gradient then has layout [O, kh, kw, C], undone in finish().
         x = F.pad(a, (pw, pw, ph, ph)) if (ph or pw) else a
-        x = x.permute(0, 2, 3, 1)
+        x = x.permute(0, 2, 3, 1).contiguous()
         x = x.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)
-        x = x[..., ::dh, ::dw]  # [B, Ho, Wo, C, kh, kw]
-        cols = x.permute(0, 1, 2, 4, 5, 3).reshape(b, -1, kh * kw * c)
-        g2 = g.flatten(2)  # [B, O, L]
-        if self._wants("weight"):
-            self._add("weight", torch.bmm(g2, cols))
-        if self._wants("bias"):
-            self._add("bias", g2.sum(2))
+        x = x[..., ::dh, ::dw].permute(0, 1, 2, 4, 5, 3)  # [B, Ho, Wo, kh, kw, C]
+        cols = self._buffer("cols", tuple(x.shape), a)
+        cols.copy_(x)
+        cols = cols.view(b, -1, kh * kw * c)
+        out = self._buffer("weight", (b, g2.shape[1], cols.shape[2]), a)
+        self.conv_layout = "channels_last"
+        return torch.bmm(g2, cols, out=out)
+
+    def _conv_grouped(self, module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Per-example weight gradients as one grouped convolution backward (groups = B).
+
+        Folding the batch into channels makes example b's gradient the weight gradient of
+        group b; the convolution library computes all B of them in one call.
+        """
+        b, c, h, w = a.shape
+        o = g.shape[1]
+        weight = self._buffer("grouped_weight", (b * o, c, *module.kernel_size), a)
+        grads = torch.ops.aten.convolution_backward(
+            g.reshape(1, b * o, *g.shape[2:]),
+            a.reshape(1, b * c, h, w),
+            weight,
+            None,
+            module.stride,
+            module.padding,
+            module.dilation,
+            False,
+            [0, 0],
+            b,
+            [False, True, False],
+        )[1]
+        self.conv_layout = "standard"
+        return grads.view(b, o, -1)
 
     def _group_norm(self, module: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> None:
         dims = tuple(range(2, a.dim()))
@@ -196,7 +263,7 @@ class _LayerRule:
         for name, t in self.parts.items():
             summed = f @ t.flatten(1)
             param = getattr(self.module, name)
-            if isinstance(self.module, nn.Conv2d) and name == "weight":
+            if name == "weight" and getattr(self, "conv_layout", "") == "channels_last":
                 o, c, kh, kw = param.shape
                 summed = summed.view(o, kh, kw, c).permute(0, 3, 1, 2)
             out[name] = summed.reshape(param.shape)
@@ -204,7 +271,12 @@ class _LayerRule:
 
 
 def _ghost_clipped_sum(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip_norm: float, loss_fn: LossFn
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clip_norm: float,
+    loss_fn: LossFn,
+    workspace: Workspace,
 ) -> ClippedSum:
     names = {m: n for n, m in model.named_modules()}
     records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
@@ -225,7 +297,7 @@ def _ghost_clipped_sum(
     finally:
         for h in handles:
             h.remove()
-    rules = [_LayerRule(m, a, g) for (m, a, _), g in zip(records, out_grads, strict=True)]
+    rules = [_LayerRule(m, a, g, workspace) for (m, a, _), g in zip(records, out_grads, strict=True)]
     norms = torch.stack([r.sq for r in rules]).sum(0).sqrt()
     f = clip_factors(norms, clip_norm)
     summed: dict[str, torch.Tensor] = {}
@@ -246,11 +318,13 @@ def clipped_grad_sum(
     clip_norm: float,
     engine: str = "auto",
     loss_fn: LossFn = _sum_ce,
+    workspace: Workspace | None = None,
 ) -> ClippedSum:
     """Sum of per-example gradients, each clipped to L2 norm ``clip_norm`` over all parameters.
 
     ``loss_fn(logits, y)`` must return the *summed* loss of the batch, so that its gradient
-    with respect to example i's output is example i's own gradient.
+    with respect to example i's output is example i's own gradient. Pass the same
+    ``workspace`` on every step of a training run to reuse the ghost engine's scratch memory.
     """
     if clip_norm <= 0:
         raise ValueError(f"clip_norm must be positive, got {clip_norm}")
@@ -259,7 +333,7 @@ def clipped_grad_sum(
     if engine == "ghost":
         if not ghost_supported(model):
             raise ValueError("engine 'ghost' does not support this model's layers; use 'vmap'")
-        return _ghost_clipped_sum(model, x, y, clip_norm, loss_fn)
+        return _ghost_clipped_sum(model, x, y, clip_norm, loss_fn, workspace or Workspace())
     if engine == "vmap":
         return _vmap_clipped_sum(model, x, y, clip_norm, loss_fn)
     raise ValueError(f"unknown per-example engine {engine!r}; known: auto, ghost, vmap")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +12,38 @@ from .base import Mechanism, Privacy, TrainConfig, TrainResult
 from .registry import register_mechanism
 from .training import check_finite, make_optimizer, make_scheduler, progress_bar
 
-__all__ = ["train_sgd"]
+__all__ = ["sgd_epoch", "train_sgd"]
+
+
+def sgd_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    epoch: int = 1,
+    on_step: Callable[[], None] | None = None,
+) -> float:
+    """One shuffled pass over (x, y) in mini-batches; returns the mean training loss."""
+    n = len(y)
+    order = torch.randperm(n, generator=generator, device=generator.device)
+    total = 0.0
+    for step, start in enumerate(range(0, n, batch_size), 1):
+        idx = order[start : start + batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        value = loss.item()
+        check_finite(value, epoch, step)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += value * len(idx)
+        if on_step is not None:
+            on_step()
+    return total / n
 
 
 def train_sgd(
@@ -25,28 +58,25 @@ def train_sgd(
 
     ``generator`` drives the shuffling; the same generator state gives the same weights.
     """
-    n = len(y)
-    steps_per_epoch = -(-n // config.batch_size)
+    steps_per_epoch = -(-len(y) // config.batch_size)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, config.epochs * steps_per_epoch)
     history: list[dict[str, float]] = []
     model.train()
     with progress_bar(config.epochs * steps_per_epoch, "sgd", config.progress) as bar:
         for epoch in range(1, config.epochs + 1):
-            order = torch.randperm(n, generator=generator)
-            total, count = 0.0, 0
-            for step, start in enumerate(range(0, n, config.batch_size), 1):
-                idx = order[start : start + config.batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                check_finite(loss.item(), epoch, step)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total += loss.item() * len(idx)
-                count += len(idx)
-                bar.update(1)
-            history.append({"epoch": epoch, "train_loss": total / count})
+            loss = sgd_epoch(
+                model,
+                optimizer,
+                scheduler,
+                x,
+                y,
+                batch_size=config.batch_size,
+                generator=generator,
+                epoch=epoch,
+                on_step=lambda: bar.update(1),
+            )
+            history.append({"epoch": epoch, "train_loss": loss})
     privacy = Privacy(formal=False, note="non-private baseline: no privacy guarantee")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return TrainResult(state, history, None, privacy)

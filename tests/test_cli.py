@@ -11,7 +11,19 @@ from audit.cli import main
 
 def _train(tmp_path, *extra, name="run"):
     out = tmp_path / name
-    argv = ["train", "--dataset", "digits", "--model", "mlp", "--epochs", "10", "--quiet", "--out", str(out), *extra]
+    argv = [
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--epochs",
+        "10",
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    ]
     return main(argv), out
 
 
@@ -55,11 +67,25 @@ def test_existing_output_is_not_overwritten(tmp_path, capsys):
         (["--dataset", "imagenet", "--model", "mlp"], "known datasets"),
         (["--dataset", "digits", "--model", "vgg"], "known models"),
         (["--dataset", "digits", "--model", "mlp", "--mechanism", "magic"], "known mechanisms: dpsgd"),
-        (["--dataset", "digits", "--model", "mlp", "--noise-multiplier", "1"], "does not apply to mechanism 'sgd'"),
+        (
+            ["--dataset", "digits", "--model", "mlp", "--noise-multiplier", "1"],
+            "does not apply to mechanism 'sgd'",
+        ),
         (["--dataset", "mnist", "--model", "mlp", "--data-root", "/nonexistent"], "does not exist"),
         (["--dataset", "digits", "--model", "mlp", "--epochs", "0"], "epochs must be >= 1"),
-        (["--dataset", "digits", "--model", "tests.user_models:with_batchnorm", "--mechanism", "dpsgd",
-          "--noise-multiplier", "1"], "BatchNorm"),
+        (
+            [
+                "--dataset",
+                "digits",
+                "--model",
+                "tests.user_models:with_batchnorm",
+                "--mechanism",
+                "dpsgd",
+                "--noise-multiplier",
+                "1",
+            ],
+            "BatchNorm",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, argv, message):

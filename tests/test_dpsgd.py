@@ -41,8 +41,12 @@ def test_physical_chunks_do_not_change_the_result():
     model = build_model("mlp", (1, 8, 8), 10, seed=0).double()
     x, y = torch.rand(50, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (50,))
     kw = dict(clip_norm=0.1, noise_multiplier=1.0, expected_batch_size=40.0)
-    a, _ = noisy_gradient(model, x, y, generator=torch.Generator().manual_seed(1), physical_batch_size=50, **kw)
-    b, _ = noisy_gradient(model, x, y, generator=torch.Generator().manual_seed(1), physical_batch_size=7, **kw)
+    a, _ = noisy_gradient(
+        model, x, y, generator=torch.Generator().manual_seed(1), physical_batch_size=50, **kw
+    )
+    b, _ = noisy_gradient(
+        model, x, y, generator=torch.Generator().manual_seed(1), physical_batch_size=7, **kw
+    )
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=1e-10, atol=1e-13)
 
@@ -51,10 +55,18 @@ def test_noise_has_std_sigma_c_over_expected_batch():
     model = build_model("cnn", (1, 28, 28), 10, seed=0).double()
     x, y = torch.rand(8, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (8,))
     sigma, c, b = 1.3, 0.7, 64.0
-    clean, _ = noisy_gradient(model, x, y, clip_norm=c, noise_multiplier=0.0, expected_batch_size=b,
-                              generator=torch.Generator())
-    noisy, _ = noisy_gradient(model, x, y, clip_norm=c, noise_multiplier=sigma, expected_batch_size=b,
-                              generator=torch.Generator().manual_seed(5))
+    clean, _ = noisy_gradient(
+        model, x, y, clip_norm=c, noise_multiplier=0.0, expected_batch_size=b, generator=torch.Generator()
+    )
+    noisy, _ = noisy_gradient(
+        model,
+        x,
+        y,
+        clip_norm=c,
+        noise_multiplier=sigma,
+        expected_batch_size=b,
+        generator=torch.Generator().manual_seed(5),
+    )
     diff = torch.cat([(noisy[n] - clean[n]).flatten() for n in clean]) * b
     d = diff.numel()
     assert (diff != 0).all(), "noise must cover every coordinate"
@@ -66,8 +78,15 @@ def test_noise_has_std_sigma_c_over_expected_batch():
 def test_empty_lot_is_pure_noise():
     model = build_model("mlp", (4,), 2, seed=0)
     x, y = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
-    grads, loss = noisy_gradient(model, x, y, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=10,
-                                 generator=torch.Generator().manual_seed(0))
+    grads, loss = noisy_gradient(
+        model,
+        x,
+        y,
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        expected_batch_size=10,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert loss == 0.0 and all(g.abs().sum() > 0 for g in grads.values())
 
 
@@ -87,7 +106,9 @@ def test_poisson_lot_sizes_are_binomial():
 
 def test_epsilon_matches_dp_accounting_for_both_accountants():
     for acc in ("pld", "rdp"):
-        ours = epsilon(dpsgd_event(noise_multiplier=1.1, sample_rate=0.01, steps=500), delta=1e-5, accountant=acc)
+        ours = epsilon(
+            dpsgd_event(noise_multiplier=1.1, sample_rate=0.01, steps=500), delta=1e-5, accountant=acc
+        )
         assert ours == pytest.approx(_reference_epsilon(0.01, 1.1, 500, 1e-5, acc), rel=1e-12)
 
 
@@ -95,7 +116,8 @@ def test_epsilon_matches_dp_accounting_for_both_accountants():
 def test_calibration_lands_within_one_percent_below_target(target):
     q, steps = 128 / 2500, 200
     sigma = calibrate_noise_multiplier(
-        target_epsilon=target, delta=1e-5,
+        target_epsilon=target,
+        delta=1e-5,
         make_event=lambda s: dpsgd_event(noise_multiplier=s, sample_rate=q, steps=steps),
     )
     eps = _reference_epsilon(q, sigma, steps, 1e-5)
@@ -104,15 +126,20 @@ def test_calibration_lands_within_one_percent_below_target(target):
 
 def test_unreachable_target_names_the_smallest_reachable_epsilon():
     with pytest.raises(ValueError, match="smallest reachable epsilon"):
-        calibrate_noise_multiplier(target_epsilon=1e-4, delta=1e-5,
-                                   make_event=lambda s: dpsgd_event(noise_multiplier=s, sample_rate=0.5, steps=10_000))
+        calibrate_noise_multiplier(
+            target_epsilon=1e-4,
+            delta=1e-5,
+            make_event=lambda s: dpsgd_event(noise_multiplier=s, sample_rate=0.5, steps=10_000),
+        )
 
 
 def test_delta_must_be_below_one_over_n():
     with pytest.raises(ValueError, match="allow-large-delta"):
         plan_dpsgd(DpSgdConfig(noise_multiplier=1.0, delta=0.01, batch_size=10), n=200)
     with pytest.warns(UserWarning, match="WEAK GUARANTEE"):
-        plan_dpsgd(DpSgdConfig(noise_multiplier=1.0, delta=0.01, batch_size=10, allow_large_delta=True), n=200)
+        plan_dpsgd(
+            DpSgdConfig(noise_multiplier=1.0, delta=0.01, batch_size=10, allow_large_delta=True), n=200
+        )
 
 
 def test_config_needs_exactly_one_of_sigma_or_epsilon():
@@ -125,23 +152,39 @@ def test_config_needs_exactly_one_of_sigma_or_epsilon():
 def test_batchnorm_is_refused():
     model = build_model("tests.user_models:with_batchnorm", (4,), 2)
     with pytest.raises(ValueError, match="BatchNorm"):
-        train_dpsgd(model, torch.zeros(20, 4), torch.zeros(20, dtype=torch.long),
-                    config=DpSgdConfig(noise_multiplier=1.0, batch_size=5, delta=1e-3), generator=torch.Generator())
+        train_dpsgd(
+            model,
+            torch.zeros(20, 4),
+            torch.zeros(20, dtype=torch.long),
+            config=DpSgdConfig(noise_multiplier=1.0, batch_size=5, delta=1e-3),
+            generator=torch.Generator(),
+        )
 
 
 def _request(**options):
-    return TrainRequest(dataset="digits", model="mlp", mechanism="dpsgd", progress=False,
-                        options={"epochs": 2, "batch_size": 64, "lr": 0.5, **options})
+    return TrainRequest(
+        dataset="digits",
+        model="mlp",
+        mechanism="dpsgd",
+        progress=False,
+        options={"epochs": 2, "batch_size": 64, "lr": 0.5, **options},
+    )
 
 
 def test_model_json_epsilon_equals_dp_accounting_recomputed(tmp_path):
     meta = train_target(_request(epsilon=3.0), tmp_path)
     saved = json.loads((tmp_path / "model.json").read_text())["privacy"]
     assert saved == meta["privacy"] and saved["formal"] is True and saved["accountant"] == "pld"
-    recomputed = _reference_epsilon(saved["sample_rate"], saved["noise_multiplier"], saved["steps"], saved["delta"])
+    recomputed = _reference_epsilon(
+        saved["sample_rate"], saved["noise_multiplier"], saved["steps"], saved["delta"]
+    )
     assert saved["epsilon"] == pytest.approx(recomputed, rel=1e-12)
     assert 0.99 * 3.0 <= saved["epsilon"] <= 3.0
-    assert saved["sample_rate"] == 64 / 898 and saved["steps"] == 2 * round(898 / 64) and saved["clip_norm"] == 1.0
+    assert (
+        saved["sample_rate"] == 64 / 898
+        and saved["steps"] == 2 * round(898 / 64)
+        and saved["clip_norm"] == 1.0
+    )
 
 
 def test_dpsgd_same_seed_same_weights(tmp_path):

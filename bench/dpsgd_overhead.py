@@ -1,0 +1,156 @@
+"""DP-SGD overhead: per-epoch time of sgd, our dpsgd, and Opacus (hooks, ghost clipping).
+
+Same model (tanh ``cnn``), same data (the member half of ``mnist5k``: 2,500 examples), same
+(expected) batch size, same torch thread count, measured side by side: each round runs one
+epoch of every method in turn, and the table reports the median over rounds, so machine
+noise hits every method alike. Prints a ratio table and writes
+``bench/results/dpsgd_overhead.json``. Not a test: timings never go in tests.
+
+    python bench/dpsgd_overhead.py [--batch-size 256] [--rounds 7] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from audit.data import load_dataset
+from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_epoch
+from mechanisms.models import build_model
+from mechanisms.sgd import sgd_epoch
+from mechanisms.training import make_optimizer, make_scheduler
+
+SIGMA, CLIP = 1.0, 1.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-opacus", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "dpsgd_overhead.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset("mnist5k")
+    keep = np.zeros(data.population, dtype=bool)
+    keep[np.random.default_rng(0).permutation(data.population)[: data.population // 2]] = True
+    x, y = data.x[torch.from_numpy(keep)], data.y[torch.from_numpy(keep)]
+    n, b = len(y), args.batch_size
+    config = DpSgdConfig(noise_multiplier=SIGMA, clip_norm=CLIP, batch_size=b, epochs=1, lr=0.05)
+    plan = DpSgdPlan(b / n, round(n / b), SIGMA, float(b))
+
+    def fresh():
+        model = build_model("cnn", data.input_shape, 10, seed=0)
+        opt = make_optimizer(model, config)
+        return model, opt, make_scheduler(opt, config, 10**6)
+
+    runners = {}
+    m_sgd, o_sgd, s_sgd = fresh()
+    g_sgd = torch.Generator().manual_seed(0)
+    runners["sgd"] = lambda: sgd_epoch(m_sgd, o_sgd, s_sgd, x, y, batch_size=b, generator=g_sgd)
+    for engine in ("ghost", "vmap"):
+        m, o, s = fresh()
+        g = torch.Generator().manual_seed(0)
+        cfg = DpSgdConfig(noise_multiplier=SIGMA, clip_norm=CLIP, batch_size=b, epochs=1, engine=engine)
+        runners[f"dpsgd ({engine})"] = lambda m=m, o=o, s=s, g=g, cfg=cfg: dpsgd_epoch(
+            m, o, s, x, y, plan=plan, config=cfg, generator=g
+        )
+    if not args.no_opacus:
+        runners.update(_opacus_runners(x, y, b, data.input_shape))
+
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for fn in runners.values():  # warm-up round, not timed
+        fn()
+    for _ in range(args.rounds):
+        for name, fn in runners.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["sgd"]
+    print(
+        f"per-epoch time, cnn on mnist5k members (n={n}), batch {b}, {args.threads} threads, "
+        f"median of {args.rounds} interleaved rounds"
+    )
+    print(f"{'method':24s} {'s/epoch':>9s} {'x sgd':>7s} {'x ours':>7s}")
+    ours = med["dpsgd (ghost)"]
+    for k, v in med.items():
+        print(f"{k:24s} {v:9.3f} {v / base:7.2f} {v / ours:7.2f}")
+    result = {
+        "benchmark": "dpsgd_overhead",
+        "model": "cnn",
+        "dataset": "mnist5k (member half)",
+        "examples": n,
+        "batch_size": b,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "seconds_per_epoch_median": med,
+        "ratio_to_sgd": {k: v / base for k, v in med.items()},
+        "all_seconds": times,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _opacus_runners(x, y, b, shape):
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    runners = {}
+    for mode in ("hooks", "ghost"):
+        model = build_model("cnn", shape, 10, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        loader = DataLoader(TensorDataset(x, y), batch_size=b, generator=torch.Generator().manual_seed(0))
+        engine = PrivacyEngine(accountant="prv")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if mode == "ghost":
+                model, opt, crit, loader = engine.make_private(
+                    module=model,
+                    optimizer=opt,
+                    data_loader=loader,
+                    criterion=torch.nn.CrossEntropyLoss(),
+                    noise_multiplier=SIGMA,
+                    max_grad_norm=CLIP,
+                    grad_sample_mode="ghost",
+                )
+            else:
+                model, opt, loader = engine.make_private(
+                    module=model,
+                    optimizer=opt,
+                    data_loader=loader,
+                    noise_multiplier=SIGMA,
+                    max_grad_norm=CLIP,
+                )
+                crit = F.cross_entropy
+
+        def epoch(model=model, opt=opt, loader=loader, crit=crit):
+            for xb, yb in loader:
+                opt.zero_grad()
+                if len(yb) == 0:
+                    opt.step()
+                    continue
+                loss = crit(model(xb), yb)
+                loss.backward()
+                opt.step()
+
+        runners[f"opacus ({mode})"] = epoch
+    return runners
+
+
+if __name__ == "__main__":
+    main()
