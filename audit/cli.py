@@ -9,6 +9,7 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attacks
@@ -16,6 +17,7 @@ from mechanisms import NonFiniteLossError, TrainConfig, get_mechanism, mechanism
 
 from .checkpoint import CheckpointError
 from .data import DataError, DataOptions, dataset_names
+from .executors import JobError
 
 __all__ = ["main"]
 
@@ -150,6 +152,54 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_attack(args: argparse.Namespace) -> int:
+    from .attack import AttackRequest, attack_target, parse_attack_spec
+
+    specs = (
+        tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+        if args.attacks
+        else tuple(attacks.attack_names())
+    )
+    for spec in specs:
+        parse_attack_spec(spec)  # fail fast on unknown names or options
+    out = Path(args.out)
+    if (out / "results.json").exists() and not args.overwrite:
+        raise UsageError(
+            f"{out / 'results.json'} exists; pass --overwrite to recompute it (finished "
+            "reference models are reused either way)"
+        )
+    levels = tuple(float(v) for v in args.fpr_levels.split(","))
+    request = AttackRequest(
+        target=args.target,
+        attacks=specs,
+        references=args.references,
+        workers=args.workers,
+        queries=args.queries,
+        fpr_levels=levels,
+        delta=args.delta,
+        alpha=args.alpha,
+        resamples=args.resamples,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    results = attack_target(request, out)
+    target = results["targets"][0]
+    print(
+        f"target {target['id']} ({target['model']}, held-out accuracy {target['test_accuracy']:.4f}), "
+        f"{target['references']} references, {target['queries']} queries"
+    )
+    print(f"{'attack':36s} {'AUC':>6s} {'AUC 95% CI':>15s} {'TPR@0.1%':>9s} {'TPR@1%':>8s} {'eps_lb':>7s}")
+    for name, m in target["attacks"].items():
+        t = m["tpr_at_fpr"]
+        print(
+            f"{name:36s} {m['auc']:6.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}] "
+            f"{t.get('0.001', float('nan')):9.4f} {t.get('0.01', float('nan')):8.4f} {m['epsilon_lb']:7.3f}"
+        )
+    print(f"wrote {out / 'results.json'}")
+    return EXIT_OK
+
+
 def _cmd_list(kind: str) -> int:
     if kind == "datasets":
         names = dataset_names()
@@ -160,7 +210,9 @@ def _cmd_list(kind: str) -> int:
             print(f"{name:12s} {get_mechanism(name).description}")
         return EXIT_OK
     else:
-        names = attacks.attack_names()
+        for name in attacks.attack_names():
+            print(f"{name:16s} {attacks.get_attack(name).description}")
+        return EXIT_OK
     print("\n".join(names))
     return EXIT_OK
 
@@ -174,6 +226,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train = sub.add_parser("train", help="train one target model on a random half of a dataset")
     _add_train_args(train)
+    attack = sub.add_parser("attack", help="attack a trained target with membership inference")
+    attack.add_argument("--target", required=True, help="checkpoint directory written by 'mia-audit train'")
+    attack.add_argument(
+        "--attacks",
+        help="comma-separated attacks, each NAME or NAME:key=value[:key=value] "
+        "(e.g. lira-online:fixed_variance=true); default: all",
+    )
+    attack.add_argument("--references", type=int, default=16, help="reference models (even; default 16)")
+    attack.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    attack.add_argument(
+        "--queries", type=int, default=None, help="queries per example (default 2 for images)"
+    )
+    attack.add_argument("--fpr-levels", default="0.001,0.01,0.1", help="FPR levels (default 0.001,0.01,0.1)")
+    attack.add_argument("--delta", type=float, default=1e-5, help="delta of the epsilon lower bound")
+    attack.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of intervals and bounds")
+    attack.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    attack.add_argument("--seed", type=int, default=0, help="seed of references and bootstrap (default 0)")
+    attack.add_argument("--device", default="cpu", help="device for training references (default cpu)")
+    attack.add_argument("--out", required=True, help="output directory")
+    attack.add_argument("--overwrite", action="store_true", help="recompute an existing results.json")
+    attack.add_argument("--quiet", action="store_true", help="no progress bar")
     for kind in ("datasets", "models", "mechanisms", "attacks"):
         sub.add_parser(kind, help=f"list the known {kind}")
     return parser
@@ -188,8 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "attack":
+            return _cmd_attack(args)
         return _cmd_list(args.command)
-    except (UsageError, DataError, CheckpointError, NonFiniteLossError, ValueError) as err:
+    except (UsageError, DataError, CheckpointError, NonFiniteLossError, JobError, ValueError) as err:
         print(f"mia-audit: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

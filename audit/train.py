@@ -19,7 +19,17 @@ from mechanisms.training import accuracy
 from .checkpoint import save_checkpoint
 from .data import DataOptions, Dataset, load_dataset
 
-__all__ = ["TrainRequest", "check_output_dir", "half_mask", "resolve_device", "train_target"]
+__all__ = [
+    "Fitted",
+    "TrainRequest",
+    "check_output_dir",
+    "fit",
+    "half_mask",
+    "heldout_accuracy",
+    "resolve_device",
+    "seeds",
+    "train_target",
+]
 
 MODEL_SCHEMA = "mia-audit/model/v1"
 
@@ -68,6 +78,61 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """A trained model with its mechanism's result and the wall time of ``mechanism.train``."""
+
+    model: torch.nn.Module
+    result: Any  # mechanisms.TrainResult
+    seconds: float
+
+
+def fit(
+    data: Dataset,
+    *,
+    model_name: str,
+    mechanism_name: str,
+    options: dict[str, Any],
+    members: np.ndarray,
+    init_seed: int,
+    train_seed: int,
+    device: torch.device,
+    progress: bool = False,
+) -> Fitted:
+    """Build ``model_name``, train it with ``mechanism_name`` on ``data[members]``.
+
+    The one code path for targets and reference models: same recipe, same maths.
+    """
+    mechanism = get_mechanism(mechanism_name)
+    config = config_from_mapping(mechanism.config_type, {**options, "progress": progress})
+    model = build_model(model_name, data.input_shape, data.num_classes, seed=init_seed).to(device)
+    if mechanism.validate_model is not None:
+        mechanism.validate_model(model)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(train_seed)
+    mask = torch.from_numpy(np.asarray(members, dtype=bool))
+    x, y = data.x[mask].to(device), data.y[mask].to(device)
+    start = time.perf_counter()
+    result = mechanism.train(model, x, y, config=config, generator=generator)
+    seconds = time.perf_counter() - start
+    model.load_state_dict(result.state_dict)
+    return Fitted(model, result, seconds)
+
+
+def heldout_accuracy(model: torch.nn.Module, data: Dataset, members: np.ndarray, device: torch.device):
+    """Accuracy on the test split when the dataset has one, else on the non-member half."""
+    if data.x_test is not None and data.y_test is not None:
+        return accuracy(model, data.x_test.to(device), data.y_test.to(device)), "test"
+    out = torch.from_numpy(~np.asarray(members, dtype=bool))
+    return accuracy(model, data.x[out].to(device), data.y[out].to(device)), "population-out"
+
+
+def seeds(root: int) -> tuple[np.ndarray, int, int]:
+    """Independent streams from the root seed: the member mask, weight init, training."""
+    keep_seq, init_seq, train_seq = np.random.SeedSequence(root).spawn(3)
+    return keep_seq, int(init_seq.generate_state(1)[0]), int(train_seq.generate_state(1)[0])
+
+
 def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
     """Train a target on a random half of the population and write its checkpoint to ``out``.
 
@@ -75,30 +140,26 @@ def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
     weight initialisation and the training randomness (sampling, noise).
     """
     mechanism = get_mechanism(request.mechanism)
-    config = config_from_mapping(mechanism.config_type, {**request.options, "progress": request.progress})
+    config = config_from_mapping(mechanism.config_type, {**request.options, "progress": False})
     data: Dataset = load_dataset(request.dataset, request.data_options)
     device = resolve_device(request.device)
-    keep_seq, init_seq, train_seq = np.random.SeedSequence(request.seed).spawn(3)
+    keep_seq, init_seed, train_seed = seeds(request.seed)
     keep = half_mask(data.population, np.random.default_rng(keep_seq))
-    init_seed = int(init_seq.generate_state(1)[0])
-    model = build_model(request.model, data.input_shape, data.num_classes, seed=init_seed).to(device)
-    if mechanism.validate_model is not None:
-        mechanism.validate_model(model)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(train_seq.generate_state(1)[0]))
-
+    fitted = fit(
+        data,
+        model_name=request.model,
+        mechanism_name=request.mechanism,
+        options=request.options,
+        members=keep,
+        init_seed=init_seed,
+        train_seed=train_seed,
+        device=device,
+        progress=request.progress,
+    )
+    model, result = fitted.model, fitted.result
     members = torch.from_numpy(keep)
-    x, y = data.x.to(device), data.y.to(device)
-    start = time.perf_counter()
-    result = mechanism.train(model, x[members], y[members], config=config, generator=generator)
-    seconds = time.perf_counter() - start
-
-    model.load_state_dict(result.state_dict)
-    train_acc = accuracy(model, x[members], y[members])
-    if data.x_test is not None:
-        test_acc, split = accuracy(model, data.x_test.to(device), data.y_test.to(device)), "test"
-    else:
-        test_acc, split = accuracy(model, x[~members], y[~members]), "population-out"
+    train_acc = accuracy(model, data.x[members].to(device), data.y[members].to(device))
+    test_acc, split = heldout_accuracy(model, data, keep, device)
     hyper = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
     meta: dict[str, Any] = {
         "schema": MODEL_SCHEMA,
@@ -117,7 +178,7 @@ def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
         "train_accuracy": train_acc,
         "test_accuracy": test_acc,
         "test_split": split,
-        "train_seconds": round(seconds, 3),
+        "train_seconds": round(fitted.seconds, 3),
         "seed": request.seed,
         "members": int(keep.sum()),
         "history": result.history,

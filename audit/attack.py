@@ -1,0 +1,220 @@
+"""Attack a trained target: signals, reference models, every attack, metrics -> results.json."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import attacks
+from attacks import AttackInputs, get_attack, summarize
+from mechanisms import build_model
+
+from .checkpoint import apply_weights, load_checkpoint
+from .data import DataError, DataOptions, Dataset, load_dataset
+from .executors import make_executor
+from .files import atomic_write, write_json, write_npy
+from .references import Recipe, ensure_references
+from .signals import model_logits
+
+__all__ = ["AttackRequest", "attack_target", "default_queries", "parse_attack_spec", "target_id"]
+
+logger = logging.getLogger(__name__)
+
+RESULTS_SCHEMA = "mia-audit/results/v1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackRequest:
+    target: str
+    attacks: tuple[str, ...] = tuple(attacks.attack_names())
+    references: int = 16
+    workers: int | None = None
+    queries: int | None = None
+    fpr_levels: tuple[float, ...] = (0.001, 0.01, 0.1)
+    delta: float = 1e-5
+    alpha: float = 0.05
+    resamples: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def _value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name:key=value:key=value`` -> (name, options), options checked by name.
+
+    >>> parse_attack_spec("lira-online:fixed_variance=true")
+    ('lira-online', {'fixed_variance': True})
+    """
+    name, *parts = spec.split(":")
+    attack = get_attack(name)
+    accepted = [p for p in inspect.signature(attack.fn).parameters if p != "inputs"]
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        key = key.replace("-", "_")
+        if not sep or key not in accepted:
+            raise ValueError(
+                f"bad option {part!r} for attack {name!r}; accepted: "
+                f"{', '.join(f'{a}=VALUE' for a in accepted) or 'none'}"
+            )
+        options[key] = _value(value)
+    return name, options
+
+
+def target_id(meta: dict[str, Any]) -> str:
+    """``<mechanism>`` plus ``-eps<epsilon>`` when the run has a formal epsilon."""
+    privacy = meta.get("privacy", {})
+    if privacy.get("formal") and privacy.get("epsilon") is not None:
+        return f"{meta['mechanism']}-eps{privacy['epsilon']:.3g}"
+    return str(meta["mechanism"])
+
+
+def default_queries(input_shape: tuple[int, ...]) -> int:
+    """2 queries (the example and one augmentation) for images, 1 for tabular data."""
+    return 2 if len(input_shape) == 3 else 1
+
+
+def load_target_data(meta: dict[str, Any]) -> Dataset:
+    ds = meta["dataset"]
+    data = load_dataset(ds["id"], DataOptions(**ds.get("options", {})))
+    if data.sha256 != ds["sha256"]:
+        raise DataError(
+            f"dataset {ds['id']!r} differs from the one the target was trained on "
+            f"(content hash {data.sha256[:12]}... vs {ds['sha256'][:12]}...)"
+        )
+    return data
+
+
+def run_attacks(
+    inputs: AttackInputs,
+    is_member: np.ndarray,
+    specs: tuple[str, ...],
+    *,
+    fpr_levels: tuple[float, ...],
+    delta: float,
+    alpha: float,
+    resamples: int,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Every attack spec on ``inputs``, summarised; returns (metrics json, scores)."""
+    results, scores = {}, {}
+    for spec in specs:
+        name, options = parse_attack_spec(spec)
+        result = get_attack(name).fn(inputs, **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the same notes are carried in metrics.warnings
+            metrics = summarize(
+                result.scores,
+                is_member,
+                fpr_levels=fpr_levels,
+                delta=delta,
+                alpha=alpha,
+                resamples=resamples,
+                seed=seed,
+            )
+        results[spec] = {**metrics.to_json(), "notes": result.notes}
+        scores[spec] = result.scores
+    return results, scores
+
+
+def attack_target(request: AttackRequest, out: str | Path) -> dict[str, Any]:
+    """Attack the checkpoint in ``request.target``; write signals, references and results.json."""
+    out = Path(out)
+    checkpoint = load_checkpoint(request.target)
+    meta = checkpoint.meta
+    data = load_target_data(meta)
+    if checkpoint.keep.shape != (data.population,):
+        raise ValueError(f"keep.npy has shape {checkpoint.keep.shape}, the population is {data.population}")
+    specs = tuple(request.attacks)
+    needs_refs = any(get_attack(parse_attack_spec(s)[0]).needs_references for s in specs)
+    if needs_refs and request.references < 2:
+        raise ValueError(
+            f"attacks {', '.join(specs)} need at least 2 reference models, got {request.references}"
+        )
+    queries = request.queries or default_queries(data.input_shape)
+    device = torch.device(request.device)
+    model = build_model(meta["model"], data.input_shape, data.num_classes)
+    apply_weights(model, checkpoint.state_dict)
+    model.to(device)
+    tid = target_id(meta)
+    target_logits = model_logits(model, data.x.to(device), queries=queries)
+    write_npy(out / "targets" / tid / "logits.npy", target_logits)
+    write_npy(out / "targets" / tid / "keep.npy", checkpoint.keep)
+
+    ref_logits = ref_keep = None
+    if needs_refs:
+        recipe = Recipe.from_target_meta(meta, queries=queries, seed=request.seed)
+        ref_keep, ref_logits = ensure_references(
+            out / "references" / tid,
+            recipe,
+            request.references,
+            data.population,
+            executor=make_executor(request.workers),
+            device=request.device,
+            progress=request.progress,
+        )
+    inputs = AttackInputs(target_logits, data.y.numpy(), ref_logits, ref_keep, seed=request.seed)
+    attack_results, scores = run_attacks(
+        inputs,
+        checkpoint.keep,
+        specs,
+        fpr_levels=request.fpr_levels,
+        delta=request.delta,
+        alpha=request.alpha,
+        resamples=request.resamples,
+        seed=request.seed,
+    )
+    atomic_write(out / "targets" / tid / "scores.npz", lambda p: _savez(p, scores))
+    privacy = meta["privacy"]
+    results = {
+        "schema": RESULTS_SCHEMA,
+        "dataset": {"id": data.id, "population": data.population, "sha256": data.sha256},
+        "seed": request.seed,
+        "targets": [
+            {
+                "id": tid,
+                "mechanism": meta["mechanism"],
+                "model": meta["model"],
+                "privacy": {k: privacy.get(k) for k in ("epsilon", "delta", "accountant", "formal", "note")},
+                "test_accuracy": meta.get("test_accuracy"),
+                "train_accuracy": meta.get("train_accuracy"),
+                "references": request.references if needs_refs else 0,
+                "queries": queries,
+                "attacks": attack_results,
+            }
+        ],
+    }
+    write_json(out / "results.json", results)
+    return results
+
+
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text())
+    if data.get("schema") != RESULTS_SCHEMA:
+        raise ValueError(f"{path} is not a mia-audit results file (schema {data.get('schema')!r})")
+    return data
