@@ -24,7 +24,16 @@ from .files import atomic_write, write_json, write_npy
 from .references import Recipe, ensure_references
 from .signals import model_logits
 
-__all__ = ["AttackRequest", "attack_target", "default_queries", "parse_attack_spec", "target_id"]
+__all__ = [
+    "AttackRequest",
+    "attack_checkpoint",
+    "attack_target",
+    "default_queries",
+    "load_results",
+    "parse_attack_spec",
+    "results_document",
+    "target_id",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +146,26 @@ def run_attacks(
     return results, scores
 
 
-def attack_target(request: AttackRequest, out: str | Path) -> dict[str, Any]:
-    """Attack the checkpoint in ``request.target``; write signals, references and results.json."""
-    out = Path(out)
-    checkpoint = load_checkpoint(request.target)
-    meta = checkpoint.meta
-    data = load_target_data(meta)
-    if checkpoint.keep.shape != (data.population,):
-        raise ValueError(f"keep.npy has shape {checkpoint.keep.shape}, the population is {data.population}")
+def attack_checkpoint(
+    meta: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    keep: np.ndarray,
+    data: Dataset,
+    *,
+    target_dir: Path,
+    references_dir: Path,
+    request: AttackRequest,
+    tid: str,
+) -> dict[str, Any]:
+    """Signals, references and every attack for one target; returns its results.json entry.
+
+    Writes ``target_dir/{logits.npy, keep.npy, scores.npz}`` and the references under
+    ``references_dir`` (resumable).
+    """
+    if keep.shape != (data.population,) or keep.dtype != bool:
+        raise ValueError(f"membership must be bool [{data.population}], got {keep.dtype} {keep.shape}")
+    if keep.all() or not keep.any():
+        raise ValueError("membership needs both members and non-members")
     specs = tuple(request.attacks)
     needs_refs = any(get_attack(parse_attack_spec(s)[0]).needs_references for s in specs)
     if needs_refs and request.references < 2:
@@ -152,31 +173,35 @@ def attack_target(request: AttackRequest, out: str | Path) -> dict[str, Any]:
             f"attacks {', '.join(specs)} need at least 2 reference models, got {request.references}"
         )
     queries = request.queries or default_queries(data.input_shape)
-    device = torch.device(request.device)
+    device = torch.device(
+        "cuda"
+        if request.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if request.device == "auto" else request.device)
+    )
     model = build_model(meta["model"], data.input_shape, data.num_classes)
-    apply_weights(model, checkpoint.state_dict)
+    apply_weights(model, state_dict)
     model.to(device)
-    tid = target_id(meta)
     target_logits = model_logits(model, data.x.to(device), queries=queries)
-    write_npy(out / "targets" / tid / "logits.npy", target_logits)
-    write_npy(out / "targets" / tid / "keep.npy", checkpoint.keep)
+    write_npy(target_dir / "logits.npy", target_logits)
+    if not (target_dir / "keep.npy").is_file():
+        write_npy(target_dir / "keep.npy", keep)
 
     ref_logits = ref_keep = None
     if needs_refs:
         recipe = Recipe.from_target_meta(meta, queries=queries, seed=request.seed)
         ref_keep, ref_logits = ensure_references(
-            out / "references" / tid,
+            references_dir,
             recipe,
             request.references,
             data.population,
             executor=make_executor(request.workers),
-            device=request.device,
+            device=str(device),
             progress=request.progress,
         )
     inputs = AttackInputs(target_logits, data.y.numpy(), ref_logits, ref_keep, seed=request.seed)
     attack_results, scores = run_attacks(
         inputs,
-        checkpoint.keep,
+        keep,
         specs,
         fpr_levels=request.fpr_levels,
         delta=request.delta,
@@ -184,26 +209,54 @@ def attack_target(request: AttackRequest, out: str | Path) -> dict[str, Any]:
         resamples=request.resamples,
         seed=request.seed,
     )
-    atomic_write(out / "targets" / tid / "scores.npz", lambda p: _savez(p, scores))
-    privacy = meta["privacy"]
-    results = {
-        "schema": RESULTS_SCHEMA,
-        "dataset": {"id": data.id, "population": data.population, "sha256": data.sha256},
-        "seed": request.seed,
-        "targets": [
-            {
-                "id": tid,
-                "mechanism": meta["mechanism"],
-                "model": meta["model"],
-                "privacy": {k: privacy.get(k) for k in ("epsilon", "delta", "accountant", "formal", "note")},
-                "test_accuracy": meta.get("test_accuracy"),
-                "train_accuracy": meta.get("train_accuracy"),
-                "references": request.references if needs_refs else 0,
-                "queries": queries,
-                "attacks": attack_results,
-            }
-        ],
+    atomic_write(target_dir / "scores.npz", lambda p: _savez(p, scores))
+    privacy = meta.get("privacy", {})
+    return {
+        "id": tid,
+        "mechanism": meta.get("mechanism"),
+        "model": meta["model"],
+        "privacy": {k: privacy.get(k) for k in ("epsilon", "delta", "accountant", "formal", "note")},
+        "test_accuracy": meta.get("test_accuracy"),
+        "train_accuracy": meta.get("train_accuracy"),
+        "references": request.references if needs_refs else 0,
+        "queries": queries,
+        "attacks": attack_results,
     }
+
+
+def results_document(data: Dataset, data_options: dict[str, Any], seed: int, targets: list[dict[str, Any]]):
+    """The results.json document (schema mia-audit/results/v1)."""
+    return {
+        "schema": RESULTS_SCHEMA,
+        "dataset": {
+            "id": data.id,
+            "population": data.population,
+            "sha256": data.sha256,
+            "options": data_options,
+        },
+        "seed": seed,
+        "targets": targets,
+    }
+
+
+def attack_target(request: AttackRequest, out: str | Path) -> dict[str, Any]:
+    """Attack the checkpoint in ``request.target``; write signals, references and results.json."""
+    out = Path(out)
+    checkpoint = load_checkpoint(request.target)
+    meta = checkpoint.meta
+    data = load_target_data(meta)
+    tid = target_id(meta)
+    entry = attack_checkpoint(
+        meta,
+        checkpoint.state_dict,
+        checkpoint.keep,
+        data,
+        target_dir=out / "targets" / tid,
+        references_dir=out / "references" / tid,
+        request=request,
+        tid=tid,
+    )
+    results = results_document(data, meta["dataset"].get("options", {}), request.seed, [entry])
     write_json(out / "results.json", results)
     return results
 

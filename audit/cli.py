@@ -18,6 +18,7 @@ from mechanisms import NonFiniteLossError, TrainConfig, get_mechanism, mechanism
 from .checkpoint import CheckpointError
 from .data import DataError, DataOptions, dataset_names
 from .executors import JobError
+from .gate import GateError
 
 __all__ = ["main"]
 
@@ -54,7 +55,7 @@ def _mechanism_fields() -> dict[str, tuple[type, set[str]]]:
     return out
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True, help="dataset id (see 'mia-audit datasets')")
     g.add_argument("--data-root", help="folder holding torchvision datasets")
@@ -68,6 +69,22 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                 default=f.default,
                 help=f"synthetic dataset: {f.name[10:]} (default {f.default})",
             )
+
+
+def _data_options(args: argparse.Namespace) -> DataOptions:
+    return DataOptions(
+        data_root=args.data_root,
+        download=args.download,
+        label_column=args.label_column,
+        synthetic_samples=args.synthetic_samples,
+        synthetic_features=args.synthetic_features,
+        synthetic_classes=args.synthetic_classes,
+        synthetic_seed=args.synthetic_seed,
+    )
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    _add_data_args(p)
     g = p.add_argument_group("model and training")
     g.add_argument(
         "--model", required=True, help="model name (see 'mia-audit models') or package.module:factory"
@@ -97,6 +114,29 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_attack_args(p: argparse.ArgumentParser, *, references: int = 16) -> None:
+    g = p.add_argument_group("attacks")
+    g.add_argument(
+        "--attacks",
+        help="comma-separated attacks, each NAME or NAME:key=value[:key=value] "
+        "(e.g. lira-online:fixed_variance=false); default: all",
+    )
+    g.add_argument(
+        "--references", type=int, default=references, help=f"reference models (even; default {references})"
+    )
+    g.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    g.add_argument("--queries", type=int, default=None, help="queries per example (default 2 for images)")
+    g.add_argument("--fpr-levels", default="0.001,0.01,0.1", help="FPR levels (default 0.001,0.01,0.1)")
+    g.add_argument("--delta", type=float, default=1e-5, help="delta of the epsilon lower bound")
+    g.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of intervals and bounds")
+    g.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    g.add_argument("--seed", type=int, default=0, help="seed of references and bootstrap (default 0)")
+    g.add_argument("--device", default="cpu", help="device (default cpu)")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--overwrite", action="store_true", help="recompute an existing results.json")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _train_options(args: argparse.Namespace) -> dict[str, Any]:
     mechanism = get_mechanism(args.mechanism)
     accepted = {f.name for f in dataclasses.fields(mechanism.config_type)}
@@ -113,64 +153,26 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainRequest, check_output_dir, train_target
+def _attack_request(args: argparse.Namespace, target: str = ""):
+    from .attack import AttackRequest, parse_attack_spec
 
-    get_mechanism(args.mechanism)  # fail fast on an unknown name
-    check_output_dir(args.out, args.overwrite)
-    data_opts = DataOptions(
-        data_root=args.data_root,
-        download=args.download,
-        label_column=args.label_column,
-        synthetic_samples=args.synthetic_samples,
-        synthetic_features=args.synthetic_features,
-        synthetic_classes=args.synthetic_classes,
-        synthetic_seed=args.synthetic_seed,
-    )
-    request = TrainRequest(
-        dataset=args.dataset,
-        model=args.model,
-        mechanism=args.mechanism,
-        options=_train_options(args),
-        data_options=data_opts,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    meta = train_target(request, args.out)
-    privacy = meta["privacy"]
-    eps = (
-        f"epsilon={privacy['epsilon']:.4g} (delta={privacy['delta']:g}, {privacy['accountant']})"
-        if privacy["formal"]
-        else "no formal guarantee"
-    )
-    print(
-        f"trained {meta['model']} with {meta['mechanism']} on {meta['dataset']['id']}: "
-        f"train accuracy {meta['train_accuracy']:.4f}, held-out accuracy {meta['test_accuracy']:.4f} "
-        f"({meta['test_split']}), {eps}, {meta['train_seconds']:.1f}s -> {args.out}"
-    )
-    return EXIT_OK
-
-
-def _cmd_attack(args: argparse.Namespace) -> int:
-    from .attack import AttackRequest, attack_target, parse_attack_spec
-
-    specs = (
-        tuple(a.strip() for a in args.attacks.split(",") if a.strip())
-        if args.attacks
-        else tuple(attacks.attack_names())
-    )
+    if args.attacks:
+        specs = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    else:
+        specs = tuple(attacks.attack_names())
     for spec in specs:
         parse_attack_spec(spec)  # fail fast on unknown names or options
-    out = Path(args.out)
-    if (out / "results.json").exists() and not args.overwrite:
+    try:
+        levels = tuple(float(v) for v in args.fpr_levels.split(","))
+    except ValueError as err:
+        raise UsageError(f"--fpr-levels must be comma-separated numbers, got {args.fpr_levels!r}") from err
+    if (Path(args.out) / "results.json").exists() and not args.overwrite:
         raise UsageError(
-            f"{out / 'results.json'} exists; pass --overwrite to recompute it (finished "
-            "reference models are reused either way)"
+            f"{Path(args.out) / 'results.json'} exists; pass --overwrite to recompute it "
+            "(finished reference models are reused either way)"
         )
-    levels = tuple(float(v) for v in args.fpr_levels.split(","))
-    request = AttackRequest(
-        target=args.target,
+    return AttackRequest(
+        target=target,
         attacks=specs,
         references=args.references,
         workers=args.workers,
@@ -183,37 +185,157 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
     )
-    results = attack_target(request, out)
-    target = results["targets"][0]
-    print(
-        f"target {target['id']} ({target['model']}, held-out accuracy {target['test_accuracy']:.4f}), "
-        f"{target['references']} references, {target['queries']} queries"
-    )
-    print(f"{'attack':36s} {'AUC':>6s} {'AUC 95% CI':>15s} {'TPR@0.1%':>9s} {'TPR@1%':>8s} {'eps_lb':>7s}")
-    for name, m in target["attacks"].items():
-        t = m["tpr_at_fpr"]
+
+
+def _print_results(results: dict, out: Path) -> None:
+    for target in results["targets"]:
+        acc = target.get("test_accuracy")
+        acc_text = "n/a" if acc is None else f"{acc:.4f}"
         print(
-            f"{name:36s} {m['auc']:6.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}] "
-            f"{t.get('0.001', float('nan')):9.4f} {t.get('0.01', float('nan')):8.4f} {m['epsilon_lb']:7.3f}"
+            f"target {target['id']} ({target['model']}, held-out accuracy {acc_text}), "
+            f"{target['references']} references, {target['queries']} queries"
         )
+        for line in target.get("not_run", []):
+            print(f"  {line}")
+        print(
+            f"{'attack':36s} {'AUC':>6s} {'AUC 95% CI':>15s} {'TPR@0.1%':>9s} {'TPR@1%':>8s} {'eps_lb':>7s}"
+        )
+        for name, m in target["attacks"].items():
+            t = m["tpr_at_fpr"]
+            print(
+                f"{name:36s} {m['auc']:6.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}] "
+                f"{t.get('0.001', float('nan')):9.4f} {t.get('0.01', float('nan')):8.4f} {m['epsilon_lb']:7.3f}"
+            )
     print(f"wrote {out / 'results.json'}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainRequest, check_output_dir, train_target
+
+    get_mechanism(args.mechanism)  # fail fast on an unknown name
+    check_output_dir(args.out, args.overwrite)
+    request = TrainRequest(
+        dataset=args.dataset,
+        model=args.model,
+        mechanism=args.mechanism,
+        options=_train_options(args),
+        data_options=_data_options(args),
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    meta = train_target(request, args.out)
+    privacy = meta["privacy"]
+    if privacy["formal"]:
+        eps = f"epsilon={privacy['epsilon']:.4g} (delta={privacy['delta']:g}, {privacy['accountant']})"
+    else:
+        eps = "no formal guarantee"
+    print(
+        f"trained {meta['model']} with {meta['mechanism']} on {meta['dataset']['id']}: "
+        f"train accuracy {meta['train_accuracy']:.4f}, held-out accuracy {meta['test_accuracy']:.4f} "
+        f"({meta['test_split']}), {eps}, {meta['train_seconds']:.1f}s -> {args.out}"
+    )
     return EXIT_OK
+
+
+def _cmd_attack(args: argparse.Namespace) -> int:
+    from .attack import attack_target
+
+    request = _attack_request(args, target=args.target)
+    out = Path(args.out)
+    _print_results(attack_target(request, out), out)
+    return EXIT_OK
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .checkpoint_audit import audit_checkpoint, read_members
+    from .data import load_dataset
+    from .pipeline import render_report
+
+    request = _attack_request(args)
+    data = load_dataset(args.dataset, _data_options(args))
+    members = read_members(data.population, args.members, args.member_indices)
+    out = Path(args.out)
+    results = audit_checkpoint(
+        args.checkpoint,
+        model=args.model,
+        dataset=args.dataset,
+        data_options=_data_options(args),
+        members=members,
+        recipe=args.recipe,
+        request=request,
+        out=out,
+    )
+    _print_results(results, out)
+    print(f"wrote {render_report(out, data=data)}")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipeline import run
+
+    if args.config and args.preset:
+        raise UsageError("give a CONFIG.toml or --preset, not both")
+    config = load_config(args.config, preset=args.preset)
+    name = Path(args.config).stem if args.config else (args.preset or "quick")
+    out = Path(args.out or f"runs/{name}")
+    results = run(config, out, progress=not args.quiet, overwrite=args.overwrite)
+    _print_results(results, out)
+    print(f"wrote {out / 'report.html'} and {out / 'summary.md'}")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .pipeline import render_report
+
+    print(f"wrote {render_report(args.run_dir)}")
+    return EXIT_OK
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+
+    from .files import write_text
+    from .gate import compare, junit_xml, load_gate_limits
+
+    def read(path: str, what: str) -> dict:
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise GateError(f"cannot read {what} {path!r}: {err}") from err
+
+    current = read(args.results, "results")
+    if args.update_baseline:
+        if current.get("schema") != "mia-audit/results/v1":
+            raise GateError(f"{args.results} is not a mia-audit results file")
+        shutil.copyfile(args.results, args.baseline)
+        print(f"baseline {args.baseline} updated from {args.results}")
+        return EXIT_OK
+    checks = compare(current, read(args.baseline, "baseline"), load_gate_limits(args.config))
+    if args.junit:
+        write_text(args.junit, junit_xml(checks))
+    failed = [c for c in checks if not c.passed]
+    for c in failed:
+        print(f"FAIL {c.target} {c.attack} {c.metric}: {c.message}")
+    print(
+        f"gate: {len(checks) - len(failed)} of {len(checks)} checks passed" + (" -> FAILED" if failed else "")
+    )
+    return EXIT_GATE_FAILED if failed else EXIT_OK
 
 
 def _cmd_list(kind: str) -> int:
     if kind == "datasets":
-        names = dataset_names()
+        print("\n".join(dataset_names()))
     elif kind == "models":
-        names = [*model_names(), "package.module:factory"]
+        print("\n".join([*model_names(), "package.module:factory"]))
     elif kind == "mechanisms":
         for name in mechanism_names():
             print(f"{name:12s} {get_mechanism(name).description}")
-        return EXIT_OK
     else:
         for name in attacks.attack_names():
             print(f"{name:16s} {attacks.get_attack(name).description}")
-        return EXIT_OK
-    print("\n".join(names))
     return EXIT_OK
 
 
@@ -224,32 +346,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser("run", help="train, attack and report every mechanism x budget of a configuration")
+    run.add_argument("config", nargs="?", help="CONFIG.toml (default: the quick preset)")
+    run.add_argument("--preset", help="a shipped preset: quick (default), smoke, paper")
+    run.add_argument("--out", help="run directory (default runs/<config or preset name>)")
+    run.add_argument("--overwrite", action="store_true", help="replace a run made with another configuration")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
     train = sub.add_parser("train", help="train one target model on a random half of a dataset")
     _add_train_args(train)
     attack = sub.add_parser("attack", help="attack a trained target with membership inference")
     attack.add_argument("--target", required=True, help="checkpoint directory written by 'mia-audit train'")
-    attack.add_argument(
-        "--attacks",
-        help="comma-separated attacks, each NAME or NAME:key=value[:key=value] "
-        "(e.g. lira-online:fixed_variance=true); default: all",
+    _add_attack_args(attack)
+    audit = sub.add_parser("audit", help="audit a checkpoint trained elsewhere")
+    audit.add_argument("checkpoint", help="weights: .safetensors, or a .pt/.pth state dict")
+    audit.add_argument(
+        "--model", required=True, help="architecture: a registry name or package.module:factory"
     )
-    attack.add_argument("--references", type=int, default=16, help="reference models (even; default 16)")
-    attack.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
-    attack.add_argument(
-        "--queries", type=int, default=None, help="queries per example (default 2 for images)"
+    _add_data_args(audit)
+    audit.add_argument("--members", help="bool [N] .npy mask of the population's training members")
+    audit.add_argument("--member-indices", help="member indices: .npy int array or a text file, one per line")
+    audit.add_argument("--recipe", help="TOML with [recipe] mechanism and options, for reference models")
+    _add_attack_args(audit)
+    report = sub.add_parser("report", help="re-render report.html and summary.md of a run directory")
+    report.add_argument("run_dir")
+    gate = sub.add_parser("gate", help="exit 1 when leakage grew beyond a baseline")
+    gate.add_argument("results", help="results.json of the new run")
+    gate.add_argument("--baseline", required=True, help="baseline results.json")
+    gate.add_argument("--config", help="configuration whose [gate] table sets absolute limits and the margin")
+    gate.add_argument("--junit", help="write a JUnit XML file, one test case per check")
+    gate.add_argument(
+        "--update-baseline", action="store_true", help="copy RESULTS.json to the baseline and pass"
     )
-    attack.add_argument("--fpr-levels", default="0.001,0.01,0.1", help="FPR levels (default 0.001,0.01,0.1)")
-    attack.add_argument("--delta", type=float, default=1e-5, help="delta of the epsilon lower bound")
-    attack.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of intervals and bounds")
-    attack.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    attack.add_argument("--seed", type=int, default=0, help="seed of references and bootstrap (default 0)")
-    attack.add_argument("--device", default="cpu", help="device for training references (default cpu)")
-    attack.add_argument("--out", required=True, help="output directory")
-    attack.add_argument("--overwrite", action="store_true", help="recompute an existing results.json")
-    attack.add_argument("--quiet", action="store_true", help="no progress bar")
     for kind in ("datasets", "models", "mechanisms", "attacks"):
         sub.add_parser(kind, help=f"list the known {kind}")
     return parser
+
+
+_COMMANDS = {
+    "run": _cmd_run,
+    "train": _cmd_train,
+    "attack": _cmd_attack,
+    "audit": _cmd_audit,
+    "report": _cmd_report,
+    "gate": _cmd_gate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,12 +399,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        if args.command == "train":
-            return _cmd_train(args)
-        if args.command == "attack":
-            return _cmd_attack(args)
+        if args.command in _COMMANDS:
+            return _COMMANDS[args.command](args)
         return _cmd_list(args.command)
-    except (UsageError, DataError, CheckpointError, NonFiniteLossError, JobError, ValueError) as err:
+    except (
+        UsageError,
+        DataError,
+        CheckpointError,
+        NonFiniteLossError,
+        JobError,
+        GateError,
+        ValueError,
+        OSError,
+    ) as err:
         print(f"mia-audit: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -48,13 +48,19 @@ class Recipe:
     def from_target_meta(
         cls, meta: dict[str, Any], *, queries: int, seed: int, stochastic: bool = False
     ) -> Recipe:
+        """The target's recipe. A noise multiplier calibrated from a target epsilon is reused
+        as it is (the same sigma for the same q and steps), so references skip calibration."""
+        hyper = dict(meta["hyperparameters"])
+        sigma = meta.get("privacy", {}).get("noise_multiplier")
+        if hyper.get("epsilon") is not None and sigma is not None:
+            hyper["epsilon"], hyper["noise_multiplier"] = None, sigma
         return cls(
             dataset=meta["dataset"]["id"],
             data_options=meta["dataset"]["options"],
             data_sha256=meta["dataset"]["sha256"],
             model=meta["model"],
             mechanism=meta["mechanism"],
-            hyperparameters=meta["hyperparameters"],
+            hyperparameters=hyper,
             queries=queries,
             stochastic=stochastic,
             seed=seed,

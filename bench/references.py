@@ -35,18 +35,33 @@ def _references(models: int, epochs: int) -> dict:
     data = load_dataset("mnist5k")
     hyper = {**TrainConfig().__dict__, "epochs": epochs}
     hyper.pop("progress")
-    recipe = Recipe(dataset="mnist5k", data_options=DataOptions().to_json(), data_sha256=data.sha256,
-                    model="cnn", mechanism="sgd", hyperparameters=hyper, queries=2, stochastic=False, seed=0)
+    recipe = Recipe(
+        dataset="mnist5k",
+        data_options=DataOptions().to_json(),
+        data_sha256=data.sha256,
+        model="cnn",
+        mechanism="sgd",
+        hyperparameters=hyper,
+        queries=2,
+        stochastic=False,
+        seed=0,
+    )
     timings = {}
-    for name, executor in (("2 workers x 1 thread", LocalExecutor(2, threads=1)),
-                           (f"sequential, {torch.get_num_threads()} threads", SerialExecutor())):
+    for name, executor in (
+        ("2 workers x 1 thread", LocalExecutor(2, threads=1)),
+        (f"sequential, {torch.get_num_threads()} threads", SerialExecutor()),
+    ):
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             ensure_references(tmp, recipe, models, data.population, executor=executor)
             timings[name] = time.perf_counter() - start
     names = list(timings)
-    return {"models": models, "epochs": epochs, "seconds": timings,
-            "speedup": timings[names[1]] / timings[names[0]]}
+    return {
+        "models": models,
+        "epochs": epochs,
+        "seconds": timings,
+        "speedup": timings[names[1]] / timings[names[0]],
+    }
 
 
 def _measure(fn, *args):
@@ -89,8 +104,14 @@ def main() -> None:
     print("RMIA scores (time, peak traced memory):")
     for k, v in rmia.items():
         print(f"  {k:28s} {v['seconds']:8.3f} s   {v['peak_bytes'] / 2**20:8.1f} MiB")
-    result = {"benchmark": "references", "references": refs, "rmia": rmia, "torch": torch.__version__,
-              "python": platform.python_version(), "machine": platform.machine()}
+    result = {
+        "benchmark": "references",
+        "references": refs,
+        "rmia": rmia,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,3 +1,5 @@
-"""Figures and renderers (HTML, Markdown, JSON) for audit results."""
+"""Figures and renderers (HTML, Markdown) for audit results. Depends on ``attacks`` only."""
 
-__all__: list[str] = []
+from .render import TargetArrays, render_html, render_markdown, strongest_attack
+
+__all__ = ["TargetArrays", "render_html", "render_markdown", "strongest_attack"]

@@ -125,7 +125,7 @@ def test_lira_fixed_variance_and_variants_run():
 
 
 def test_lira_fixed_variance_is_the_default_below_64_references():
-    inputs, member = _population(shift=1.5)
+    inputs, _ = _population(shift=1.5)
     assert lira_online(inputs).notes["fixed_variance"] is True  # 8 references
     per_example = lira_online(inputs, fixed_variance=False)
     assert per_example.notes["fixed_variance"] is False

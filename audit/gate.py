@@ -1,0 +1,152 @@
+"""CI leakage gate: compare a run's results.json with a baseline and fail on regressions.
+
+A check fails only when leakage rose beyond chance: for AUC and TPR at each FPR level, when
+the current 95% interval lies entirely above the baseline's (the intervals are disjoint; a
+point estimate merely above the baseline's interval happens by chance about 8% of the time per
+metric, too often for a gate with dozens of checks). The epsilon lower bound, which has no
+interval, fails when it exceeds the baseline's by more than ``epsilon_margin``. Absolute
+limits from the ``[gate]`` table fail whenever exceeded.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+from .config import GateLimits
+
+__all__ = ["Check", "GateError", "compare", "junit_xml", "load_gate_limits"]
+
+
+class GateError(ValueError):
+    """Unreadable or mismatched results/baseline files (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Check:
+    target: str
+    attack: str
+    metric: str
+    passed: bool
+    message: str
+
+
+def load_gate_limits(path: str | None) -> GateLimits:
+    """The ``[gate]`` table of a configuration file (other tables are ignored here)."""
+    if path is None:
+        return GateLimits()
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("gate", {})
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise GateError(f"cannot read gate limits from {path}: {err}") from err
+    allowed = {f.name for f in fields(GateLimits)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise GateError(f"unknown key {unknown[0]!r} in [gate]; accepted: {', '.join(sorted(allowed))}")
+    return GateLimits(**raw)
+
+
+def _index(results: dict[str, Any], what: str) -> dict[tuple[str, str], dict[str, Any]]:
+    if results.get("schema") != "mia-audit/results/v1":
+        raise GateError(f"{what} is not a mia-audit results file (schema {results.get('schema')!r})")
+    return {(t["id"], a): m for t in results["targets"] for a, m in t["attacks"].items()}
+
+
+def compare(current: dict[str, Any], baseline: dict[str, Any], limits: GateLimits) -> list[Check]:
+    """Every check of every target x attack present in the baseline."""
+    cur, base = _index(current, "results"), _index(baseline, "baseline")
+    if current["dataset"].get("sha256") != baseline["dataset"].get("sha256"):
+        raise GateError("results and baseline are for different datasets (content hashes differ)")
+    missing = sorted(set(base) - set(cur))
+    if missing:
+        t, a = missing[0]
+        raise GateError(
+            f"results lack target {t!r} x attack {a!r} that the baseline has ({len(missing)} missing)"
+        )
+    checks: list[Check] = []
+    for (tid, attack), b in sorted(base.items()):
+        c = cur[(tid, attack)]
+
+        def interval(
+            metric: str,
+            now: float,
+            now_ci: list[float],
+            was: float,
+            was_ci: list[float],
+            tid: str = tid,
+            attack: str = attack,
+        ) -> None:
+            rose = now_ci[0] > was_ci[1]
+            msg = (
+                f"{metric} {now:.4f} [{now_ci[0]:.4f}, {now_ci[1]:.4f}] vs baseline {was:.4f} "
+                f"[{was_ci[0]:.4f}, {was_ci[1]:.4f}]" + (": leakage rose beyond chance" if rose else "")
+            )
+            checks.append(Check(tid, attack, metric, not rose, msg))
+
+        interval("auc", c["auc"], c["auc_ci"], b["auc"], b["auc_ci"])
+        for level in b["tpr_at_fpr"]:
+            if level in c["tpr_at_fpr"]:
+                interval(
+                    f"tpr@{level}",
+                    c["tpr_at_fpr"][level],
+                    c["tpr_at_fpr_ci"][level],
+                    b["tpr_at_fpr"][level],
+                    b["tpr_at_fpr_ci"][level],
+                )
+        rose = c["epsilon_lb"] > b["epsilon_lb"] + limits.epsilon_margin
+        checks.append(
+            Check(
+                tid,
+                attack,
+                "epsilon_lb",
+                not rose,
+                f"epsilon_lb {c['epsilon_lb']:.3f} vs baseline {b['epsilon_lb']:.3f} "
+                f"(margin {limits.epsilon_margin})" + (": leakage rose" if rose else ""),
+            )
+        )
+        if limits.max_auc is not None:
+            ok = c["auc"] <= limits.max_auc
+            checks.append(Check(tid, attack, "max_auc", ok, f"auc {c['auc']:.4f} (limit {limits.max_auc})"))
+        for level, cap in limits.max_tpr_at_fpr.items():
+            if level in c["tpr_at_fpr"]:
+                ok = c["tpr_at_fpr"][level] <= cap
+                checks.append(
+                    Check(
+                        tid,
+                        attack,
+                        f"max_tpr@{level}",
+                        ok,
+                        f"tpr@{level} {c['tpr_at_fpr'][level]:.4f} (limit {cap})",
+                    )
+                )
+        if limits.max_epsilon_lb is not None:
+            ok = c["epsilon_lb"] <= limits.max_epsilon_lb
+            checks.append(
+                Check(
+                    tid,
+                    attack,
+                    "max_epsilon_lb",
+                    ok,
+                    f"epsilon_lb {c['epsilon_lb']:.3f} (limit {limits.max_epsilon_lb})",
+                )
+            )
+    return checks
+
+
+def junit_xml(checks: list[Check]) -> str:
+    """One JUnit test case per check; failed checks carry a <failure> with the comparison."""
+    failures = sum(not c.passed for c in checks)
+    cases = []
+    for c in checks:
+        head = f"<testcase classname={quoteattr('mia-audit.' + c.target)} name={quoteattr(c.attack + ' ' + c.metric)}"
+        if c.passed:
+            cases.append(f"{head}><system-out>{quoteattr(c.message)[1:-1]}</system-out></testcase>")
+        else:
+            cases.append(f"{head}><failure message={quoteattr(c.message)}/></testcase>")
+    return (
+        f'<?xml version="1.0" encoding="utf-8"?>\n<testsuite name="mia-audit gate" tests="{len(checks)}" '
+        f'failures="{failures}">\n' + "\n".join(cases) + "\n</testsuite>\n"
+    )

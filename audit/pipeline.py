@@ -1,0 +1,152 @@
+"""``mia-audit run``: every mechanism x budget -> target, references, attacks, report.
+
+Resumable: a target whose ``model.json`` exists is not retrained, finished reference models
+are reused, and every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reports import TargetArrays, render_html, render_markdown
+
+from .attack import AttackRequest, attack_checkpoint, load_results, results_document
+from .checkpoint import load_checkpoint
+from .config import RunConfig
+from .data import DataOptions, Dataset, load_dataset
+from .files import write_json, write_text
+from .train import TrainRequest, train_target
+
+__all__ = ["render_report", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+def _targets(config: RunConfig) -> list[tuple[str, str, dict[str, Any]]]:
+    out = []
+    for spec in config.mechanisms:
+        for budget in spec.budgets or (None,):
+            options = dict(spec.options)
+            tid = spec.name
+            if budget is not None:
+                options["epsilon"] = budget
+                tid = f"{spec.name}-eps{budget:g}"
+            out.append((tid, spec.name, options))
+    ids = [t[0] for t in out]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"two targets share an id in the configuration: {ids}")
+    return out
+
+
+def run(
+    config: RunConfig, out: str | Path, *, progress: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
+    """Train, attack and report every target of ``config`` into ``out``."""
+    out = Path(out)
+    resolved = config.to_toml()
+    existing = out / "config.toml"
+    if existing.is_file() and existing.read_text(encoding="utf-8") != resolved and not overwrite:
+        raise ValueError(
+            f"{out} holds a run with another configuration ({existing}); use another --out, or --overwrite "
+            "to replace it"
+        )
+    if out.is_dir() and any(out.iterdir()) and not existing.is_file() and not overwrite:
+        raise ValueError(f"output directory {str(out)!r} already holds other files; pass --overwrite")
+    write_text(existing, resolved)
+    data_opts = DataOptions(**config.data_options)
+    data = load_dataset(config.dataset, data_opts)
+    request = AttackRequest(
+        target="",
+        attacks=config.attacks,
+        references=config.references,
+        workers=config.workers,
+        queries=config.queries,
+        fpr_levels=config.fpr_levels,
+        delta=config.delta,
+        alpha=config.alpha,
+        resamples=config.resamples,
+        seed=config.seed,
+        device=config.device,
+        progress=progress,
+    )
+    entries = []
+    plan = _targets(config)
+    for k, (tid, mechanism, options) in enumerate(plan, 1):
+        tdir = out / "targets" / tid
+        if not (tdir / "model.json").is_file():
+            logger.info("[%d/%d] training target %s", k, len(plan), tid)
+            if progress:
+                print(f"[{k}/{len(plan)}] training target {tid}", flush=True)
+            train_target(
+                TrainRequest(
+                    dataset=config.dataset,
+                    model=config.model,
+                    mechanism=mechanism,
+                    options=options,
+                    data_options=data_opts,
+                    seed=config.seed,
+                    device=config.device,
+                    progress=progress,
+                ),
+                tdir,
+            )
+        elif progress:
+            print(f"[{k}/{len(plan)}] target {tid}: reusing the trained model", flush=True)
+        ck = load_checkpoint(tdir)
+        if progress:
+            print(f"[{k}/{len(plan)}] attacking target {tid}", flush=True)
+        entries.append(
+            attack_checkpoint(
+                ck.meta,
+                ck.state_dict,
+                ck.keep,
+                data,
+                target_dir=tdir,
+                references_dir=out / "references" / tid,
+                request=request,
+                tid=tid,
+            )
+        )
+    results = results_document(data, data_opts.to_json(), config.seed, entries)
+    write_json(out / "results.json", results)
+    render_report(out, data=data)
+    return results
+
+
+def _arrays(run_dir: Path, tid: str) -> TargetArrays | None:
+    tdir = run_dir / "targets" / tid
+    if not (tdir / "scores.npz").is_file() or not (tdir / "keep.npy").is_file():
+        return None
+    with np.load(tdir / "scores.npz", allow_pickle=False) as z:
+        scores = {k: z[k] for k in z.files}
+    return TargetArrays(scores, np.load(tdir / "keep.npy", allow_pickle=False))
+
+
+def render_report(
+    run_dir: str | Path, *, data: Dataset | None = None, notes: list[str] | None = None
+) -> Path:
+    """(Re-)render ``report.html`` and ``summary.md`` of a run folder from its files."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir / "results.json")
+    if data is None:
+        ds = results["dataset"]
+        data = load_dataset(ds["id"], DataOptions(**ds.get("options", {})))
+        if data.sha256 != ds["sha256"]:
+            notes = [*(notes or []), "the dataset changed since the run: thumbnails may not match"]
+    arrays = {t["id"]: a for t in results["targets"] if (a := _arrays(run_dir, t["id"])) is not None}
+    images = data.x.numpy() if data.kind == "image" else None
+    page = render_html(
+        results, arrays, data.y.numpy(), images, title=f"Privacy audit: {data.id}", notes=notes
+    )
+    write_text(run_dir / "report.html", page)
+    write_text(run_dir / "summary.md", render_markdown(results))
+    return run_dir / "report.html"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
