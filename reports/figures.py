@@ -10,6 +10,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from attacks.metrics import roc_curve
 
@@ -96,6 +97,7 @@ def tradeoff_figure(targets: Sequence[dict[str, Any]], strongest: dict[str, str]
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.margins(0.15)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
     axes[0].legend(fontsize=8)
     fig.suptitle("Utility vs empirical privacy (left is more private)")
     return _svg(fig)

@@ -134,8 +134,10 @@ def test_summarize_contents_and_resolution_warnings():
     assert r.advantage == pytest.approx(2 * r.balanced_accuracy - 1)
     j = r.to_json()
     assert set(j["tpr_at_fpr"]) == {"0.001", "0.01", "0.1"}
-    with pytest.warns(UserWarning, match="below the resolution"):
+    with pytest.warns(UserWarning) as caught:
         summarize(s[:200], m[:200], fpr_levels=(0.001,), resamples=20)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "below the resolution" in messages and "unstable" in messages
 
 
 @pytest.mark.parametrize(
