@@ -4,6 +4,7 @@ Importing the package registers the built-in mechanisms. This package imports no
 of the project.
 """
 
+from . import dplis as _dplis  # noqa: F401  (registers "dplis")
 from . import dpsgd as _dpsgd  # noqa: F401  (registers "dpsgd")
 from . import sgd as _sgd  # noqa: F401  (registers "sgd")
 from .base import Mechanism, NonFiniteLossError, Privacy, TrainConfig, TrainResult, config_from_mapping

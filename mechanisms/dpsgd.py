@@ -27,11 +27,15 @@ from .training import check_finite, make_optimizer, make_scheduler, progress_bar
 __all__ = [
     "DpSgdConfig",
     "DpSgdPlan",
+    "GradientFn",
+    "add_noise",
     "dpsgd_epoch",
+    "dpsgd_gradient",
     "noisy_gradient",
     "plan_dpsgd",
     "refuse_batchnorm",
     "train_dpsgd",
+    "train_private",
 ]
 
 logger = logging.getLogger(__name__)
@@ -168,11 +172,54 @@ def noisy_gradient(
         for n, g in part.grads.items():
             total[n] += g
         loss_sum += part.loss_sum
+    add_noise(
+        total,
+        clip_norm=clip_norm,
+        noise_multiplier=noise_multiplier,
+        expected_batch_size=expected_batch_size,
+        generator=generator,
+    )
+    return total, loss_sum
+
+
+def add_noise(
+    total: dict[str, torch.Tensor],
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """In place: ``(sum + N(0, sigma^2 C^2 I)) / expected_batch_size`` for every tensor."""
     std = noise_multiplier * clip_norm
     for t in total.values():
         noise = torch.normal(0.0, std, t.shape, generator=generator, device=t.device, dtype=t.dtype)
         t.add_(noise).div_(expected_batch_size)
-    return total, loss_sum
+    return total
+
+
+GradientFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], float]]
+
+
+def dpsgd_gradient(config: DpSgdConfig, plan: DpSgdPlan, generator: torch.Generator) -> GradientFn:
+    """DP-SGD's privatised gradient of a lot, with a workspace shared across steps."""
+    workspace = Workspace()
+
+    def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+        return noisy_gradient(
+            model,
+            x,
+            y,
+            clip_norm=config.clip_norm,
+            noise_multiplier=plan.noise_multiplier,
+            expected_batch_size=plan.expected_batch_size,
+            generator=generator,
+            physical_batch_size=config.physical_batch_size,
+            engine=config.engine,
+            workspace=workspace,
+        )
+
+    return gradient
 
 
 def dpsgd_epoch(
@@ -187,29 +234,20 @@ def dpsgd_epoch(
     generator: torch.Generator,
     epoch: int = 1,
     on_step: Callable[[], None] | None = None,
+    gradient: GradientFn | None = None,
 ) -> float:
     """One epoch (``plan.steps / epochs`` Poisson lots) of DP-SGD; returns the mean train loss.
 
-    The loss is a diagnostic computed on private data without noise: it is not covered by the
-    DP guarantee and is never used by the training itself.
+    ``gradient`` computes a lot's privatised gradient (default: DP-SGD's); mechanisms built on
+    DP-SGD (DPlis) swap in their own. The loss is a diagnostic computed on private data
+    without noise: it is not covered by the DP guarantee and never used by training.
     """
+    gradient = gradient or dpsgd_gradient(config, plan, generator)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    workspace = Workspace()
     total, count = 0.0, 0
     for step in range(1, plan.steps // config.epochs + 1):
         lot = poisson_lot(len(y), plan.sample_rate, generator)
-        grads, loss_sum = noisy_gradient(
-            model,
-            x[lot],
-            y[lot],
-            clip_norm=config.clip_norm,
-            noise_multiplier=plan.noise_multiplier,
-            expected_batch_size=plan.expected_batch_size,
-            generator=generator,
-            physical_batch_size=config.physical_batch_size,
-            engine=config.engine,
-            workspace=workspace,
-        )
+        grads, loss_sum = gradient(model, x[lot], y[lot])
         if len(lot):
             check_finite(loss_sum, epoch, step)
         for name, g in grads.items():
@@ -223,23 +261,26 @@ def dpsgd_epoch(
     return total / max(1, count)
 
 
-def train_dpsgd(
+def train_private(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
     config: DpSgdConfig,
     generator: torch.Generator,
+    name: str = "dpsgd",
+    make_gradient: Callable[[DpSgdPlan, torch.optim.Optimizer], GradientFn] | None = None,
+    note: str = "",
 ) -> TrainResult:
-    """Train with DP-SGD; returns the weights, history, DpEvent and the accounted epsilon."""
+    """The DP-SGD training loop and accounting, for DP-SGD and mechanisms that reuse both."""
     refuse_batchnorm(model)
-    n = len(y)
-    plan = plan_dpsgd(config, n)
+    plan = plan_dpsgd(config, len(y))
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, plan.steps)
+    gradient = make_gradient(plan, optimizer) if make_gradient else dpsgd_gradient(config, plan, generator)
     history: list[dict[str, float]] = []
     model.train()
-    with progress_bar(plan.steps, "dpsgd", config.progress) as bar:
+    with progress_bar(plan.steps, name, config.progress) as bar:
         for epoch in range(1, config.epochs + 1):
             loss = dpsgd_epoch(
                 model,
@@ -252,6 +293,7 @@ def train_dpsgd(
                 generator=generator,
                 epoch=epoch,
                 on_step=lambda: bar.update(1),
+                gradient=gradient,
             )
             history.append({"epoch": epoch, "train_loss": loss})
     event = dpsgd_event(
@@ -267,11 +309,24 @@ def train_dpsgd(
         sample_rate=plan.sample_rate,
         steps=plan.steps,
         clip_norm=config.clip_norm,
-        note="DP-SGD with Poisson sampling; epsilon from dp-accounting "
+        note=note
+        or "DP-SGD with Poisson sampling; epsilon from dp-accounting "
         f"({config.accountant.upper()}), add/remove-one adjacency",
     )
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return TrainResult(state, history, event, privacy)
+
+
+def train_dpsgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    config: DpSgdConfig,
+    generator: torch.Generator,
+) -> TrainResult:
+    """Train with DP-SGD; returns the weights, history, DpEvent and the accounted epsilon."""
+    return train_private(model, x, y, config=config, generator=generator, name="dpsgd")
 
 
 DPSGD = register_mechanism(

@@ -28,8 +28,10 @@ from torch.func import functional_call, grad, vmap
 __all__ = [
     "ClippedSum",
     "Workspace",
+    "clip_and_sum",
     "clip_factors",
     "clipped_grad_sum",
+    "ghost_per_example_grads",
     "ghost_supported",
     "per_example_grads",
 ]
@@ -95,10 +97,19 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def per_example_grads(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = _sum_ce
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn = _sum_ce,
+    params: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-example gradients with ``torch.func``: name -> tensor [B, *param.shape]."""
-    params = {n: p.detach() for n, p in _trainable(model).items()}
+    """Per-example gradients with ``torch.func``: name -> tensor [B, *param.shape].
+
+    ``params`` evaluates the gradients at other parameter values than the model's own (same
+    names and shapes as its trainable parameters), e.g. perturbed copies.
+    """
+    if params is None:
+        params = {n: p.detach() for n, p in _trainable(model).items()}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
     def one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
@@ -126,16 +137,23 @@ def ghost_supported(model: nn.Module) -> bool:
     return True
 
 
+def clip_and_sum(
+    grads: dict[str, torch.Tensor], clip_norm: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Flat-clip materialised per-example gradients [B, ...] and sum them: (sums, norms [B])."""
+    first = next(iter(grads.values()))
+    sq = torch.zeros(first.shape[0], dtype=first.dtype, device=first.device)
+    for g in grads.values():
+        sq += torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+    norms = sq.sqrt()
+    f = clip_factors(norms, clip_norm)
+    return {n: torch.einsum("b,b...->...", f, g) for n, g in grads.items()}, norms
+
+
 def _vmap_clipped_sum(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip_norm: float, loss_fn: LossFn
 ) -> ClippedSum:
-    grads = per_example_grads(model, x, y, loss_fn)
-    sq = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for g in grads.values():
-        sq += g.flatten(1).pow(2).sum(1)
-    norms = sq.sqrt()
-    f = clip_factors(norms, clip_norm)
-    summed = {n: torch.einsum("b,b...->...", f, g) for n, g in grads.items()}
+    summed, norms = clip_and_sum(per_example_grads(model, x, y, loss_fn), clip_norm)
     with torch.no_grad():
         loss_sum = float(loss_fn(model(x), y))
     return ClippedSum(summed, norms, loss_sum)
@@ -254,6 +272,20 @@ class _LayerRule:
         if self._wants("bias"):
             self._add("bias", g.sum(dims))
 
+    def per_example(self) -> dict[str, torch.Tensor]:
+        """Every per-example gradient of this layer, shaped [B, *param.shape]."""
+        out: dict[str, torch.Tensor] = {}
+        if self.linear is not None:
+            a, g = self.linear
+            out["weight"] = torch.bmm(g.unsqueeze(2), a.unsqueeze(1))
+        for name, t in self.parts.items():
+            param = getattr(self.module, name)
+            if name == "weight" and getattr(self, "conv_layout", "") == "channels_last":
+                o, c, kh, kw = param.shape
+                t = t.view(-1, o, kh, kw, c).permute(0, 1, 4, 2, 3)
+            out[name] = t.reshape(-1, *param.shape)
+        return out
+
     def finish(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sum over the batch of the per-example gradients scaled by clip factors ``f``."""
         out: dict[str, torch.Tensor] = {}
@@ -270,15 +302,10 @@ class _LayerRule:
         return out
 
 
-def _ghost_clipped_sum(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    clip_norm: float,
-    loss_fn: LossFn,
-    workspace: Workspace,
-) -> ClippedSum:
-    names = {m: n for n, m in model.named_modules()}
+def _ghost_rules(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, workspace: Workspace
+) -> tuple[list[_LayerRule], float]:
+    """One hooked forward pass and one backward pass to the layers' outputs -> layer rules."""
     records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -298,16 +325,54 @@ def _ghost_clipped_sum(
         for h in handles:
             h.remove()
     rules = [_LayerRule(m, a, g, workspace) for (m, a, _), g in zip(records, out_grads, strict=True)]
+    return rules, float(loss.detach())
+
+
+def _accumulate(out: dict[str, torch.Tensor], key: str, t: torch.Tensor) -> None:
+    # A module applied twice in one forward pass contributes twice.
+    out[key] = out[key] + t if key in out else t
+
+
+def _ghost_clipped_sum(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clip_norm: float,
+    loss_fn: LossFn,
+    workspace: Workspace,
+) -> ClippedSum:
+    names = {m: n for n, m in model.named_modules()}
+    rules, loss = _ghost_rules(model, x, y, loss_fn, workspace)
     norms = torch.stack([r.sq for r in rules]).sum(0).sqrt()
     f = clip_factors(norms, clip_norm)
     summed: dict[str, torch.Tensor] = {}
     for rule in rules:
         prefix = names[rule.module]
         for k, t in rule.finish(f).items():
-            key = f"{prefix}.{k}" if prefix else k
-            # A module applied twice in one forward pass contributes twice.
-            summed[key] = summed[key] + t if key in summed else t
-    return ClippedSum(summed, norms, float(loss.detach()))
+            _accumulate(summed, f"{prefix}.{k}" if prefix else k, t)
+    return ClippedSum(summed, norms, loss)
+
+
+def ghost_per_example_grads(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn = _sum_ce,
+    workspace: Workspace | None = None,
+) -> dict[str, torch.Tensor]:
+    """Materialised per-example gradients [B, *param.shape] from the book-keeping pass.
+
+    For models :func:`ghost_supported` accepts; several times faster than ``vmap`` on CPU.
+    Returned tensors may be views of ``workspace`` buffers: use them before the next call.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    rules, _ = _ghost_rules(model, x, y, loss_fn, workspace or Workspace())
+    out: dict[str, torch.Tensor] = {}
+    for rule in rules:
+        prefix = names[rule.module]
+        for k, t in rule.per_example().items():
+            _accumulate(out, f"{prefix}.{k}" if prefix else k, t)
+    return out
 
 
 def clipped_grad_sum(
