@@ -23,6 +23,7 @@ from .executors import make_executor
 from .files import atomic_write, write_json, write_npy
 from .references import Recipe, ensure_references
 from .signals import model_logits
+from .train import released
 
 __all__ = [
     "AttackRequest",
@@ -181,14 +182,20 @@ def attack_checkpoint(
     model = build_model(meta["model"], data.input_shape, data.num_classes)
     apply_weights(model, state_dict)
     model.to(device)
-    target_logits = model_logits(model, data.x.to(device), queries=queries)
+    # the model as its mechanism releases it: residual perturbation keeps its noise on
+    inference = released(model, str(meta.get("mechanism")), meta.get("hyperparameters", {}), request.seed)
+    target_logits = model_logits(
+        inference.model, data.x.to(device), queries=queries, stochastic=inference.stochastic
+    )
     write_npy(target_dir / "logits.npy", target_logits)
     if not (target_dir / "keep.npy").is_file():
         write_npy(target_dir / "keep.npy", keep)
 
     ref_logits = ref_keep = None
     if needs_refs:
-        recipe = Recipe.from_target_meta(meta, queries=queries, seed=request.seed)
+        recipe = Recipe.from_target_meta(
+            meta, queries=queries, seed=request.seed, stochastic=inference.stochastic
+        )
         ref_keep, ref_logits = ensure_references(
             references_dir,
             recipe,

@@ -105,7 +105,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     for name, (tp, users) in sorted(_mechanism_fields().items()):
         helptext = "mechanisms: " + ", ".join(sorted(users))
         if tp is bool:
-            g.add_argument(_flag(name), action="store_const", const=True, default=None, help=helptext)
+            g.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None, help=helptext)
         else:
             g.add_argument(_flag(name), type=tp, default=None, help=helptext)
     g = p.add_argument_group("output")

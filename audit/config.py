@@ -26,11 +26,14 @@ def _take(table: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any
 
 @dataclass(frozen=True)
 class MechanismSpec:
-    """One mechanism: its options, and the epsilons to train it at (empty: once, as configured)."""
+    """One mechanism: its options, the epsilons to train it at (empty: once, as configured),
+    and optionally its own model (e.g. residual perturbation needs a ResNet) and target id."""
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
     budgets: tuple[float, ...] = ()
+    model: str | None = None
+    id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,10 @@ class RunConfig:
             lines += ["", "[[mechanisms]]", f'name = "{m.name}"']
             if m.budgets:
                 lines.append(f"budgets = {_toml(list(m.budgets))}")
+            if m.model:
+                lines.append(f'model = "{m.model}"')
+            if m.id:
+                lines.append(f'id = "{m.id}"')
             if m.options:
                 lines.append(
                     "options = { " + ", ".join(f"{k} = {_toml(v)}" for k, v in m.options.items()) + " }"
@@ -163,13 +170,12 @@ def load_config(path: str | None = None, *, preset: str | None = None) -> RunCon
     )
     mechs = []
     for i, m in enumerate(raw.get("mechanisms", [])):
-        _take(m, {"name", "options", "budgets"}, f"{source} [[mechanisms]] #{i + 1}")
+        _take(m, {"name", "options", "budgets", "model", "id"}, f"{source} [[mechanisms]] #{i + 1}")
         if "name" not in m:
             raise ValueError(f"{source} [[mechanisms]] #{i + 1} needs a name")
+        budgets = tuple(float(b) for b in m.get("budgets", []))
         mechs.append(
-            MechanismSpec(
-                m["name"], dict(m.get("options", {})), tuple(float(b) for b in m.get("budgets", []))
-            )
+            MechanismSpec(m["name"], dict(m.get("options", {})), budgets, m.get("model"), m.get("id"))
         )
     if not mechs:
         raise ValueError(f"{source}: no [[mechanisms]] to run")

@@ -27,16 +27,17 @@ __all__ = ["render_report", "run"]
 logger = logging.getLogger(__name__)
 
 
-def _targets(config: RunConfig) -> list[tuple[str, str, dict[str, Any]]]:
+def _targets(config: RunConfig) -> list[tuple[str, str, dict[str, Any], str]]:
+    """(target id, mechanism, options, model) for every mechanism x budget."""
     out = []
     for spec in config.mechanisms:
         for budget in spec.budgets or (None,):
             options = dict(spec.options)
-            tid = spec.name
+            tid = spec.id or spec.name
             if budget is not None:
                 options["epsilon"] = budget
-                tid = f"{spec.name}-eps{budget:g}"
-            out.append((tid, spec.name, options))
+                tid = f"{tid}-eps{budget:g}"
+            out.append((tid, spec.name, options, spec.model or config.model))
     ids = [t[0] for t in out]
     if len(set(ids)) != len(ids):
         raise ValueError(f"two targets share an id in the configuration: {ids}")
@@ -76,7 +77,7 @@ def run(
     )
     entries = []
     plan = _targets(config)
-    for k, (tid, mechanism, options) in enumerate(plan, 1):
+    for k, (tid, mechanism, options, model) in enumerate(plan, 1):
         tdir = out / "targets" / tid
         if not (tdir / "model.json").is_file():
             logger.info("[%d/%d] training target %s", k, len(plan), tid)
@@ -85,7 +86,7 @@ def run(
             train_target(
                 TrainRequest(
                     dataset=config.dataset,
-                    model=config.model,
+                    model=model,
                     mechanism=mechanism,
                     options=options,
                     data_options=data_opts,

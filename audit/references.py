@@ -103,6 +103,8 @@ def train_reference(job: dict[str, Any]) -> dict[str, Any]:
     """Train reference ``job['index']`` and write its logits; runs in a worker process."""
     import torch
 
+    from mechanisms import config_from_mapping, get_mechanism
+
     from .signals import model_logits
     from .train import fit, heldout_accuracy
 
@@ -126,7 +128,9 @@ def train_reference(job: dict[str, Any]) -> dict[str, Any]:
         fitted.model, data.x.to(device), queries=recipe["queries"], stochastic=recipe["stochastic"]
     )
     write_npy(Path(job["folder"]) / "logits" / f"{job['index']}.npy", logits.astype(np.float32))
-    acc, _ = heldout_accuracy(fitted.model, data, members, device)
+    mechanism = get_mechanism(recipe["mechanism"])
+    passes = mechanism.eval_passes(config_from_mapping(mechanism.config_type, recipe["hyperparameters"]))
+    acc, _ = heldout_accuracy(fitted.model, data, members, device, passes)
     return {"index": job["index"], "test_accuracy": acc, "seconds": fitted.seconds}
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "fit",
     "half_mask",
     "heldout_accuracy",
+    "released",
     "resolve_device",
     "seeds",
     "train_target",
@@ -119,12 +120,41 @@ def fit(
     return Fitted(model, result, seconds)
 
 
-def heldout_accuracy(model: torch.nn.Module, data: Dataset, members: np.ndarray, device: torch.device):
+def heldout_accuracy(
+    model: torch.nn.Module, data: Dataset, members: np.ndarray, device: torch.device, passes: int = 1
+) -> tuple[float, str]:
     """Accuracy on the test split when the dataset has one, else on the non-member half."""
     if data.x_test is not None and data.y_test is not None:
-        return accuracy(model, data.x_test.to(device), data.y_test.to(device)), "test"
+        return accuracy(model, data.x_test.to(device), data.y_test.to(device), passes=passes), "test"
     out = torch.from_numpy(~np.asarray(members, dtype=bool))
-    return accuracy(model, data.x[out].to(device), data.y[out].to(device)), "population-out"
+    return accuracy(model, data.x[out].to(device), data.y[out].to(device), passes=passes), "population-out"
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How a mechanism's released model predicts: the prepared model, passes, randomness."""
+
+    model: torch.nn.Module
+    passes: int
+    stochastic: bool
+
+
+def released(
+    model: torch.nn.Module, mechanism_name: str, hyperparameters: dict[str, Any], seed: int
+) -> Inference:
+    """Turn a built architecture into the mechanism's released predictor (e.g. noisy slots).
+
+    An unregistered mechanism (a checkpoint audited without a recipe) predicts as built.
+    """
+    from mechanisms import mechanism_names
+
+    if mechanism_name not in mechanism_names():
+        return Inference(model, 1, False)
+    mechanism = get_mechanism(mechanism_name)
+    config = config_from_mapping(mechanism.config_type, hyperparameters)
+    return Inference(
+        mechanism.released(model, config, seed), mechanism.eval_passes(config), mechanism.stochastic(config)
+    )
 
 
 def seeds(root: int) -> tuple[np.ndarray, int, int]:
@@ -158,8 +188,9 @@ def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
     )
     model, result = fitted.model, fitted.result
     members = torch.from_numpy(keep)
-    train_acc = accuracy(model, data.x[members].to(device), data.y[members].to(device))
-    test_acc, split = heldout_accuracy(model, data, keep, device)
+    passes = mechanism.eval_passes(config)
+    train_acc = accuracy(model, data.x[members].to(device), data.y[members].to(device), passes=passes)
+    test_acc, split = heldout_accuracy(model, data, keep, device, passes)
     hyper = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
     meta: dict[str, Any] = {
         "schema": MODEL_SCHEMA,

@@ -6,6 +6,7 @@ of the project.
 
 from . import dplis as _dplis  # noqa: F401  (registers "dplis")
 from . import dpsgd as _dpsgd  # noqa: F401  (registers "dpsgd")
+from . import residual as _residual  # noqa: F401  (registers "residual")
 from . import sgd as _sgd  # noqa: F401  (registers "sgd")
 from .base import Mechanism, NonFiniteLossError, Privacy, TrainConfig, TrainResult, config_from_mapping
 from .dpsgd import DpSgdConfig

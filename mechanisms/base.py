@@ -111,13 +111,29 @@ TrainFn = Callable[..., TrainResult]
 
 @dataclass(frozen=True)
 class Mechanism:
-    """A registry entry: name, config type, train function, one-line description."""
+    """A registry entry: name, config type, train function, one-line description.
+
+    ``prepare`` turns a freshly built architecture into the *released predictor* of this
+    mechanism for a given config (e.g. residual perturbation installs its noisy slots, which
+    stay on at inference); it is applied before training and whenever a checkpoint is loaded
+    for evaluation or attack. ``eval_passes(config)`` is the number of stochastic forward
+    passes whose softmax is averaged for predictions (1 for deterministic models), and
+    ``stochastic(config)`` says whether inference is random (then attack queries are repeated
+    passes instead of augmentations).
+    """
 
     name: str
     config_type: type[TrainConfig]
     train: TrainFn
     description: str
     validate_model: Callable[[nn.Module], None] | None = None
+    prepare: Callable[[nn.Module, TrainConfig, int], nn.Module] | None = None
+    stochastic: Callable[[TrainConfig], bool] = lambda config: False
+    eval_passes: Callable[[TrainConfig], int] = lambda config: 1
+
+    def released(self, model: nn.Module, config: TrainConfig, seed: int = 0) -> nn.Module:
+        """The model as this mechanism releases it (see ``prepare``)."""
+        return self.prepare(model, config, seed) if self.prepare is not None else model
 
 
 def config_from_mapping(cls: type[TrainConfig], values: Mapping[str, Any]) -> TrainConfig:

@@ -71,6 +71,7 @@ def smoothed_noisy_gradient(
     reduce: str = "sum",
     physical_batch_size: int = 1024,
     workspace: Workspace | None = None,
+    engine: str = "auto",
 ) -> tuple[dict[str, torch.Tensor], float]:
     """DPlis's privatised mean gradient of one lot and the lot's summed (non-private) loss.
 
@@ -94,7 +95,9 @@ def smoothed_noisy_gradient(
             )
         else:
             perturbations.append(None)
-    fast = ghost_supported(model)
+    if engine == "ghost" and not ghost_supported(model):
+        raise ValueError("engine 'ghost' does not support this model's layers; use 'vmap'")
+    fast = engine != "vmap" and ghost_supported(model)
     workspace = workspace or Workspace()
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     loss_sum = 0.0
@@ -169,6 +172,7 @@ def train_dplis(
                 reduce=config.smooth_reduce,
                 physical_batch_size=config.physical_batch_size,
                 workspace=workspace,
+                engine=config.engine,
             )
 
         return gradient

@@ -38,15 +38,23 @@ def check_finite(loss: float, epoch: int, step: int) -> None:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` on (x, y), in eval mode, batched."""
+def accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024, passes: int = 1
+) -> float:
+    """Top-1 accuracy of ``model`` on (x, y), in eval mode, batched.
+
+    With ``passes`` > 1 (a model whose inference is random) the prediction is the argmax of the
+    softmax averaged over that many forward passes.
+    """
     if len(y) == 0:
         return float("nan")
     was_training = model.training
     model.eval()
     correct = 0
     for i in range(0, len(y), batch_size):
-        correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+        xb = x[i : i + batch_size]
+        probs = sum(torch.softmax(model(xb), dim=1) for _ in range(passes))
+        correct += int((probs.argmax(1) == y[i : i + batch_size]).sum())
     model.train(was_training)
     return correct / len(y)
 

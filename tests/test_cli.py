@@ -66,7 +66,7 @@ def test_existing_output_is_not_overwritten(tmp_path, capsys):
     [
         (["--dataset", "imagenet", "--model", "mlp"], "known datasets"),
         (["--dataset", "digits", "--model", "vgg"], "known models"),
-        (["--dataset", "digits", "--model", "mlp", "--mechanism", "magic"], "known mechanisms: dpsgd"),
+        (["--dataset", "digits", "--model", "mlp", "--mechanism", "magic"], "known mechanisms: dplis, dpsgd"),
         (
             ["--dataset", "digits", "--model", "mlp", "--noise-multiplier", "1"],
             "does not apply to mechanism 'sgd'",

@@ -88,10 +88,12 @@ def test_config_rejects_unknown_keys(tmp_path):
         load_config(str(tmp_path / "bad.toml"))
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         load_config(preset="fast")
-    assert load_config().dataset == "mnist5k" and {m.name for m in load_config().mechanisms} >= {
-        "sgd",
-        "dpsgd",
-    }
+    from mechanisms import mechanism_names
+
+    # the default job runs every registered mechanism; residual perturbation on a ResNet
+    quick = load_config()
+    assert quick.dataset == "mnist5k" and {m.name for m in quick.mechanisms} == set(mechanism_names())
+    assert [m.model for m in quick.mechanisms if m.name == "residual"] == ["resnet8"]
 
 
 def test_report_rerenders(run_dir):

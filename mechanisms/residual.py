@@ -1,0 +1,143 @@
+"""Residual perturbation (Tao, Ling, Shi, Wang; arXiv:2408.05723; ICLR 2021 submission).
+
+MECHANISMS.md section 2. No code or full text of the paper was available: the forward pass is
+a labelled reconstruction. Every residual block's join ``y = shortcut + branch`` gets Gaussian
+noise, fresh per example, per block and per forward pass:
+
+* strategy ``1`` (multiplicative, SDE dx = F dt + gamma x dB): ``y + gamma * x * xi``, with x
+  the block input as it reaches the join (the shortcut path);
+* strategy ``2`` (additive, dx = F dt + gamma dB): ``y + gamma * xi``;
+* ``branch`` (noise in the residual mapping): ``shortcut + branch * (1 + gamma * xi)``.
+
+Training is ordinary SGD on the noisy network: no per-example gradients, no clipping. The
+noise stays on at inference (``perturb_at_eval``, the only setting in which any DP claim about
+the released model could hold); predictions average the softmax over ``eval_passes`` passes.
+There is no formal guarantee here: the published theorem's assumptions are not verified, so
+runs say ``formal: false`` and the leakage is measured empirically by the attacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import Mechanism, Privacy, TrainConfig, TrainResult
+from .models import PerturbationSlot, residual_blocks
+from .registry import register_mechanism
+from .sgd import train_sgd
+
+__all__ = ["NoisySlot", "ResidualConfig", "install_noise", "train_residual"]
+
+STRATEGIES = ("1", "2", "branch")
+NOTE = (
+    "residual perturbation: no formal guarantee. The published DP theorem's assumptions are not "
+    "verified here and no epsilon is computed; leakage is measured empirically by the attacks."
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResidualConfig(TrainConfig):
+    """SGD options plus the noise: strategy, gamma, inference noise and passes."""
+
+    strategy: str = "2"
+    gamma: float = 0.1
+    perturb_at_eval: bool = True
+    eval_passes: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        if self.eval_passes < 1:
+            raise ValueError(f"eval_passes must be >= 1, got {self.eval_passes}")
+
+
+class NoisySlot(PerturbationSlot):
+    """A perturbation slot that adds Gaussian noise at the residual join.
+
+    Noise comes from ``generator`` (seeded by the mechanism, so runs are reproducible and the
+    global RNG is untouched); it is drawn in training mode, and in eval mode only when
+    ``perturb_at_eval``.
+    """
+
+    def __init__(
+        self, strategy: str, gamma: float, perturb_at_eval: bool, generator: torch.Generator
+    ) -> None:
+        super().__init__()
+        self.strategy, self.gamma, self.perturb_at_eval = strategy, gamma, perturb_at_eval
+        self.generator = generator
+
+    def _xi(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+
+    def forward(self, shortcut: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        if self.gamma == 0 or (not self.training and not self.perturb_at_eval):
+            return shortcut + branch
+        if self.strategy == "1":
+            return shortcut + branch + self.gamma * shortcut * self._xi(shortcut)
+        if self.strategy == "2":
+            return shortcut + branch + self.gamma * self._xi(shortcut)
+        return shortcut + branch * (1 + self.gamma * self._xi(branch))
+
+    def extra_repr(self) -> str:
+        return f"strategy={self.strategy}, gamma={self.gamma}, perturb_at_eval={self.perturb_at_eval}"
+
+
+def install_noise(model: nn.Module, config: TrainConfig, seed: int = 0) -> nn.Module:
+    """Fill every residual block's perturbation slot with a :class:`NoisySlot` (in place)."""
+    assert isinstance(config, ResidualConfig)
+    blocks = residual_blocks(model)
+    if not blocks:
+        raise ValueError(
+            "residual perturbation needs a model with residual blocks (resnet8, resnet20, or a user "
+            "model built from mechanisms.models.BasicBlock); this model has none"
+        )
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    for block in blocks:
+        block.perturb = NoisySlot(config.strategy, config.gamma, config.perturb_at_eval, generator)
+    return model
+
+
+def train_residual(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, config: ResidualConfig, generator: torch.Generator
+) -> TrainResult:
+    """Install the noise (seeded from ``generator``) and train with ordinary SGD."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    install_noise(model, config, seed)
+    result = train_sgd(model, x, y, config=config, generator=generator)
+    privacy = Privacy(formal=False, note=NOTE)
+    extras = {
+        "strategy": config.strategy,
+        "gamma": config.gamma,
+        "perturb_at_eval": config.perturb_at_eval,
+        "eval_passes": config.eval_passes,
+    }
+    return TrainResult(result.state_dict, result.history, None, privacy, extras)
+
+
+def _refuse_non_residual(model: nn.Module) -> None:
+    if not residual_blocks(model):
+        raise ValueError(
+            "residual perturbation needs a model with residual blocks (resnet8 or resnet20); "
+            f"{type(model).__name__} has none"
+        )
+
+
+RESIDUAL = register_mechanism(
+    Mechanism(
+        "residual",
+        ResidualConfig,
+        train_residual,
+        "residual perturbation: Gaussian noise in every residual block (no formal guarantee)",
+        validate_model=_refuse_non_residual,
+        prepare=install_noise,
+        stochastic=lambda c: bool(getattr(c, "gamma", 0) > 0 and getattr(c, "perturb_at_eval", False)),
+        eval_passes=lambda c: int(getattr(c, "eval_passes", 1)),
+    )
+)

@@ -1,0 +1,143 @@
+"""Residual perturbation: exactness at gamma = 0, noise statistics, inference, plumbing."""
+
+import numpy as np
+import pytest
+import torch
+
+from audit.train import TrainRequest, released, train_target
+from mechanisms.models import build_model, residual_blocks
+from mechanisms.residual import NoisySlot, ResidualConfig, install_noise
+
+
+def _pair(strategy, gamma, perturb_at_eval=True):
+    plain = build_model("resnet8", (1, 12, 12), 10, seed=0)
+    noisy = build_model("resnet8", (1, 12, 12), 10, seed=0)
+    install_noise(
+        noisy, ResidualConfig(strategy=strategy, gamma=gamma, perturb_at_eval=perturb_at_eval), seed=1
+    )
+    return plain, noisy
+
+
+@pytest.mark.parametrize("strategy", ["1", "2", "branch"])
+def test_gamma_zero_equals_the_unperturbed_network_exactly(strategy):
+    plain, noisy = _pair(strategy, 0.0)
+    x = torch.rand(4, 1, 12, 12)
+    for mode in (True, False):
+        plain.train(mode)
+        noisy.train(mode)
+        assert torch.equal(plain(x), noisy(x))
+
+
+def _slot(strategy, gamma):
+    return NoisySlot(strategy, gamma, True, torch.Generator().manual_seed(0))
+
+
+def test_noise_statistics_per_strategy():
+    shortcut = torch.rand(200, 8, 10, 10) * 3 + 0.5
+    branch = torch.randn(200, 8, 10, 10)
+    y = shortcut + branch
+    n = y.numel()
+    # strategy 2: additive, std gamma
+    d2 = _slot("2", 0.3)(shortcut, branch) - y
+    assert abs(float(d2.std()) / 0.3 - 1) < 5 / np.sqrt(2 * n)
+    assert abs(float(d2.mean())) < 5 * 0.3 / np.sqrt(n)
+    # strategy 1: multiplicative, std gamma * |x|: the standardised noise is N(0, 1)
+    z1 = (_slot("1", 0.2)(shortcut, branch) - y) / (0.2 * shortcut)
+    assert abs(float(z1.std()) - 1) < 5 / np.sqrt(2 * n) and abs(float(z1.mean())) < 5 / np.sqrt(n)
+    # branch: the residual branch scaled by (1 + gamma xi)
+    zb = (_slot("branch", 0.5)(shortcut, branch) - y) / (0.5 * branch)
+    assert abs(float(zb.std()) - 1) < 5 / np.sqrt(2 * n)
+
+
+def test_noise_is_independent_per_example_and_pass():
+    slot = _slot("2", 1.0)
+    s, b = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    first, second = slot(s, b), slot(s, b)
+    assert not torch.equal(first[0], first[1])  # per example
+    assert not torch.equal(first, second)  # per pass
+
+
+def test_two_passes_differ_when_on_and_agree_when_off():
+    x = torch.rand(3, 1, 12, 12)
+    _, on = _pair("2", 0.2, perturb_at_eval=True)
+    _, off = _pair("2", 0.2, perturb_at_eval=False)
+    on.eval()
+    off.eval()
+    assert not torch.equal(on(x), on(x))
+    assert torch.equal(off(x), off(x))
+    off.train()
+    assert not torch.equal(off(x), off(x))  # training always perturbs
+
+
+def test_eval_pass_averaging_reduces_variance():
+    _, model = _pair("2", 0.5)
+    model.eval()
+    x = torch.rand(1, 1, 12, 12).repeat(400, 1, 1, 1)  # 400 draws of the same example
+
+    def averaged(m):
+        return sum(torch.softmax(model(x), 1) for _ in range(m)) / m
+
+    with torch.no_grad():
+        v1 = averaged(1).var(0).sum()
+        v4 = averaged(4).var(0).sum()
+    # independent passes: the variance of the mean of 4 is a quarter (sampling error ~ 10%)
+    assert 0.18 < float(v4 / v1) < 0.33
+
+
+def test_models_without_residual_blocks_are_refused():
+    with pytest.raises(ValueError, match="residual blocks"):
+        install_noise(build_model("cnn", (1, 28, 28), 10), ResidualConfig())
+    with pytest.raises(ValueError, match="strategy must be"):
+        ResidualConfig(strategy="3")
+
+
+def test_training_records_no_formal_guarantee_and_audits_the_noisy_model(tmp_path):
+    request = TrainRequest(
+        dataset="digits",
+        model="resnet8",
+        mechanism="residual",
+        progress=False,
+        options={"epochs": 1, "batch_size": 64, "lr": 0.05, "gamma": 0.1, "eval_passes": 2},
+    )
+    meta = train_target(request, tmp_path)
+    assert meta["privacy"]["formal"] is False and meta["privacy"]["epsilon"] is None
+    assert "no formal guarantee" in meta["privacy"]["note"]
+    assert meta["extras"]["eval_passes"] == 2 and meta["hyperparameters"]["strategy"] == "2"
+    model = build_model("resnet8", (1, 8, 8), 10)
+    inference = released(model, "residual", meta["hyperparameters"], seed=0)
+    assert inference.stochastic and inference.passes == 2
+    assert all(isinstance(b.perturb, NoisySlot) for b in residual_blocks(inference.model))
+    plain = released(build_model("cnn", (1, 28, 28), 10), "sgd", {}, seed=0)
+    assert not plain.stochastic and plain.passes == 1
+
+
+def test_attack_uses_repeated_noisy_passes_as_queries(tmp_path):
+    from audit.attack import AttackRequest, attack_target
+
+    request = TrainRequest(
+        dataset="digits",
+        model="resnet8",
+        mechanism="residual",
+        progress=False,
+        options={"epochs": 1, "batch_size": 64, "lr": 0.05, "gamma": 0.3},
+    )
+    train_target(request, tmp_path / "target")
+    results = attack_target(
+        AttackRequest(
+            target=str(tmp_path / "target"),
+            attacks=("loss", "lira-online"),
+            references=2,
+            workers=1,
+            queries=3,
+            resamples=20,
+            progress=False,
+        ),
+        tmp_path / "out",
+    )
+    t = results["targets"][0]
+    assert t["id"] == "residual" and t["privacy"]["formal"] is False and t["queries"] == 3
+    logits = np.load(tmp_path / "out" / "targets" / "residual" / "logits.npy")
+    assert logits.shape == (1797, 3, 10)
+    assert not np.array_equal(logits[:, 0], logits[:, 1])  # repeated passes of a noisy model differ
+    recipe = (tmp_path / "out" / "references" / "residual" / "recipe.json").read_text()
+    assert '"stochastic": true' in recipe
