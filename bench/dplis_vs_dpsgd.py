@@ -24,7 +24,7 @@ import torch
 
 from audit.data import load_dataset
 from audit.train import TrainRequest, train_target
-from mechanisms.dplis import DplisConfig
+from mechanisms.dplis import DplisConfig, dplis_gradient
 from mechanisms.dpsgd import DpSgdConfig, dpsgd_epoch, plan_dpsgd
 from mechanisms.models import build_model
 from mechanisms.training import make_optimizer, make_scheduler
@@ -51,31 +51,7 @@ def per_epoch_ratio(rounds: int = 2) -> dict[str, float]:
             opt = make_optimizer(model, cfg)
             sched = make_scheduler(opt, cfg, plan.steps)
             gen = torch.Generator().manual_seed(0)
-            gradient = None
-            if name == "dplis":
-                from mechanisms.dplis import (
-                    smoothed_noisy_gradient,
-                    smoothing_sigma,
-                    train_dplis,  # noqa: F401  (registers)
-                )
-                from mechanisms.per_example import Workspace
-
-                ws = Workspace()
-
-                def gradient(m, xb, yb, cfg=cfg, plan=plan, opt=opt, gen=gen, ws=ws):
-                    return smoothed_noisy_gradient(
-                        m,
-                        xb,
-                        yb,
-                        clip_norm=cfg.clip_norm,
-                        noise_multiplier=plan.noise_multiplier,
-                        expected_batch_size=plan.expected_batch_size,
-                        smooth_sigma=smoothing_sigma(cfg, plan, opt.param_groups[0]["lr"]),
-                        smooth_samples=cfg.smooth_samples,
-                        generator=gen,
-                        workspace=ws,
-                    )
-
+            gradient = dplis_gradient(cfg, plan, opt, gen) if name == "dplis" else None
             start = time.perf_counter()
             dpsgd_epoch(model, opt, sched, x, y, plan=plan, config=cfg, generator=gen, gradient=gradient)
             times[name].append(time.perf_counter() - start)

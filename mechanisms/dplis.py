@@ -26,7 +26,7 @@ from .dpsgd import DpSgdConfig, DpSgdPlan, GradientFn, add_noise, refuse_batchno
 from .per_example import Workspace, clip_and_sum, ghost_per_example_grads, ghost_supported, per_example_grads
 from .registry import register_mechanism
 
-__all__ = ["DplisConfig", "smoothed_noisy_gradient", "smoothing_sigma", "train_dplis"]
+__all__ = ["DplisConfig", "dplis_gradient", "smoothed_noisy_gradient", "smoothing_sigma", "train_dplis"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +142,32 @@ def smoothed_noisy_gradient(
     return total, loss_sum
 
 
+def dplis_gradient(
+    config: DplisConfig, plan: DpSgdPlan, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> GradientFn:
+    """DPlis's privatised gradient of a lot; sigma_s follows the optimizer's current lr."""
+    workspace = Workspace()
+
+    def gradient(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+        return smoothed_noisy_gradient(
+            m,
+            xb,
+            yb,
+            clip_norm=config.clip_norm,
+            noise_multiplier=plan.noise_multiplier,
+            expected_batch_size=plan.expected_batch_size,
+            smooth_sigma=smoothing_sigma(config, plan, optimizer.param_groups[0]["lr"]),
+            smooth_samples=config.smooth_samples,
+            generator=generator,
+            reduce=config.smooth_reduce,
+            physical_batch_size=config.physical_batch_size,
+            workspace=workspace,
+            engine=config.engine,
+        )
+
+    return gradient
+
+
 def train_dplis(
     model: nn.Module,
     x: torch.Tensor,
@@ -151,32 +177,6 @@ def train_dplis(
     generator: torch.Generator,
 ) -> TrainResult:
     """Train with DPlis; privacy accounting identical to DP-SGD's (same DpEvent)."""
-
-    def make_gradient(plan: DpSgdPlan, optimizer: torch.optim.Optimizer) -> GradientFn:
-        workspace = Workspace()
-
-        def gradient(
-            m: nn.Module, xb: torch.Tensor, yb: torch.Tensor
-        ) -> tuple[dict[str, torch.Tensor], float]:
-            sigma_s = smoothing_sigma(config, plan, optimizer.param_groups[0]["lr"])
-            return smoothed_noisy_gradient(
-                m,
-                xb,
-                yb,
-                clip_norm=config.clip_norm,
-                noise_multiplier=plan.noise_multiplier,
-                expected_batch_size=plan.expected_batch_size,
-                smooth_sigma=sigma_s,
-                smooth_samples=config.smooth_samples,
-                generator=generator,
-                reduce=config.smooth_reduce,
-                physical_batch_size=config.physical_batch_size,
-                workspace=workspace,
-                engine=config.engine,
-            )
-
-        return gradient
-
     return train_private(
         model,
         x,
@@ -184,7 +184,7 @@ def train_dplis(
         config=config,
         generator=generator,
         name="dplis",
-        make_gradient=make_gradient,
+        make_gradient=lambda plan, optimizer: dplis_gradient(config, plan, optimizer, generator),
         note="DPlis (DP-SGD with loss smoothing): the same Poisson-sampled Gaussian event as DP-SGD; "
         "epsilon from dp-accounting",
     )
