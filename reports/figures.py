@@ -116,9 +116,13 @@ def epsilon_figure(targets: Sequence[dict[str, Any]]) -> str | None:
     ax = fig.add_subplot()
     top = max(max(p[0] for p in pts), max(p[1] for p in pts)) * 1.1 + 0.1
     ax.plot([0, top], [0, top], color="0.6", ls="--", lw=1, label="y = x (a bound above it would be a bug)")
+    seen: dict[tuple[float, float], int] = {}
     for eps, lb, name in pts:
         ax.scatter([eps], [lb])
-        ax.annotate(name, (eps, lb), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        # stagger the labels of points that coincide (e.g. two mechanisms at the same epsilon)
+        key = (round(eps, 1), round(lb, 1))
+        k = seen[key] = seen.get(key, -1) + 1
+        ax.annotate(name, (eps, lb), textcoords="offset points", xytext=(4, 4 + 11 * k), fontsize=7)
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_xlabel("accountant ε (proven upper bound)")
