@@ -18,12 +18,12 @@ from attacks import AttackInputs, get_attack, summarize
 from mechanisms import build_model
 
 from .checkpoint import apply_weights, load_checkpoint
-from .data import DataError, DataOptions, Dataset, load_dataset
+from .data import Dataset, load_verified
 from .executors import make_executor
 from .files import atomic_write, write_json, write_npy
 from .references import Recipe, ensure_references
 from .signals import model_logits
-from .train import released
+from .train import released, resolve_device
 
 __all__ = [
     "AttackRequest",
@@ -106,13 +106,7 @@ def default_queries(input_shape: tuple[int, ...]) -> int:
 
 def load_target_data(meta: dict[str, Any]) -> Dataset:
     ds = meta["dataset"]
-    data = load_dataset(ds["id"], DataOptions(**ds.get("options", {})))
-    if data.sha256 != ds["sha256"]:
-        raise DataError(
-            f"dataset {ds['id']!r} differs from the one the target was trained on "
-            f"(content hash {data.sha256[:12]}... vs {ds['sha256'][:12]}...)"
-        )
-    return data
+    return load_verified(ds["id"], ds.get("options", {}), ds["sha256"])
 
 
 def run_attacks(
@@ -174,11 +168,7 @@ def attack_checkpoint(
             f"attacks {', '.join(specs)} need at least 2 reference models, got {request.references}"
         )
     queries = request.queries or default_queries(data.input_shape)
-    device = torch.device(
-        "cuda"
-        if request.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if request.device == "auto" else request.device)
-    )
+    device = resolve_device(request.device)
     model = build_model(meta["model"], data.input_shape, data.num_classes)
     apply_weights(model, state_dict)
     model.to(device)

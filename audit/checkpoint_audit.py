@@ -24,9 +24,9 @@ from mechanisms import build_model, config_from_mapping, get_mechanism
 
 from .attack import AttackRequest, attack_checkpoint, parse_attack_spec, results_document
 from .checkpoint import apply_weights, load_weights
-from .data import DataOptions, Dataset, load_dataset
+from .data import DataOptions, Dataset
 from .files import write_json
-from .train import heldout_accuracy, resolve_device
+from .train import heldout_accuracy, released, resolve_device
 
 __all__ = ["audit_checkpoint", "read_members", "read_recipe"]
 
@@ -86,7 +86,7 @@ def audit_checkpoint(
     weights: str,
     *,
     model: str,
-    dataset: str,
+    data: Dataset,
     data_options: DataOptions,
     members: np.ndarray,
     recipe: str | None,
@@ -94,14 +94,14 @@ def audit_checkpoint(
     out: str | Path,
 ) -> dict[str, Any]:
     out = Path(out)
-    data: Dataset = load_dataset(dataset, data_options)
     state = load_weights(weights)
     net = build_model(model, data.input_shape, data.num_classes)
     apply_weights(net, state)
     device = resolve_device(request.device)
     net.to(device)
-    test_acc, split = heldout_accuracy(net, data, members, device)
     mechanism, hyper = read_recipe(recipe) if recipe else ("unknown", {})
+    inference = released(net, mechanism, hyper, request.seed)
+    test_acc, split = heldout_accuracy(inference.model, data, members, device, inference.passes)
     meta = {
         "model": model,
         "mechanism": mechanism,

@@ -259,7 +259,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     results = audit_checkpoint(
         args.checkpoint,
         model=args.model,
-        dataset=args.dataset,
+        data=data,
         data_options=_data_options(args),
         members=members,
         recipe=args.recipe,

@@ -25,7 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "DataError", "DataOptions", "Dataset", "dataset_names", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "DataOptions",
+    "Dataset",
+    "dataset_names",
+    "load_dataset",
+    "load_verified",
+]
 
 
 class DataError(ValueError):
@@ -370,6 +378,17 @@ FILE_LOADERS: dict[str, Callable[[str, DataOptions], Dataset]] = {"npz": _npz, "
 
 def dataset_names() -> list[str]:
     return [*sorted(DATASETS), *(f"{k}:PATH" for k in sorted(FILE_LOADERS))]
+
+
+def load_verified(id: str, options: dict[str, Any], sha256: str) -> Dataset:
+    """Load dataset ``id`` with ``options`` and check it is the data a model was trained on."""
+    data = load_dataset(id, DataOptions(**options))
+    if data.sha256 != sha256:
+        raise DataError(
+            f"dataset {id!r} now has content hash {data.sha256[:12]}..., but the model was trained "
+            f"on {sha256[:12]}...: the data changed"
+        )
+    return data
 
 
 def load_dataset(id: str, options: DataOptions | None = None) -> Dataset:

@@ -6,7 +6,6 @@ are reused, and every file is written atomically.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -147,7 +146,3 @@ def render_report(
     write_text(run_dir / "report.html", page)
     write_text(run_dir / "summary.md", render_markdown(results))
     return run_dir / "report.html"
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))

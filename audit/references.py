@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import DataError, DataOptions, Dataset, load_dataset
+from .data import Dataset, load_verified
 from .executors import Executor, SerialExecutor
 from .files import write_json, write_npy
 
@@ -90,20 +90,15 @@ def balanced_keep(m: int, n: int, rng: np.random.Generator) -> np.ndarray:
 
 @functools.lru_cache(maxsize=2)
 def _dataset(id: str, options_json: str, sha256: str) -> Dataset:
-    data = load_dataset(id, DataOptions(**json.loads(options_json)))
-    if data.sha256 != sha256:
-        raise DataError(
-            f"dataset {id!r} now has content hash {data.sha256[:12]}..., but the target was trained "
-            f"on {sha256[:12]}...: the data changed"
-        )
-    return data
+    # cached per worker process: a worker trains several references on the same data
+    return load_verified(id, json.loads(options_json), sha256)
 
 
 def train_reference(job: dict[str, Any]) -> dict[str, Any]:
     """Train reference ``job['index']`` and write its logits; runs in a worker process."""
     import torch
 
-    from mechanisms import config_from_mapping, get_mechanism
+    from mechanisms import get_mechanism
 
     from .signals import model_logits
     from .train import fit, heldout_accuracy
@@ -128,8 +123,7 @@ def train_reference(job: dict[str, Any]) -> dict[str, Any]:
         fitted.model, data.x.to(device), queries=recipe["queries"], stochastic=recipe["stochastic"]
     )
     write_npy(Path(job["folder"]) / "logits" / f"{job['index']}.npy", logits.astype(np.float32))
-    mechanism = get_mechanism(recipe["mechanism"])
-    passes = mechanism.eval_passes(config_from_mapping(mechanism.config_type, recipe["hyperparameters"]))
+    passes = get_mechanism(recipe["mechanism"]).eval_passes(fitted.config)
     acc, _ = heldout_accuracy(fitted.model, data, members, device, passes)
     return {"index": job["index"], "test_accuracy": acc, "seconds": fitted.seconds}
 

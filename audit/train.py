@@ -86,6 +86,7 @@ class Fitted:
     model: torch.nn.Module
     result: Any  # mechanisms.TrainResult
     seconds: float
+    config: Any  # the mechanism's TrainConfig built from the options
 
 
 def fit(
@@ -117,7 +118,7 @@ def fit(
     result = mechanism.train(model, x, y, config=config, generator=generator)
     seconds = time.perf_counter() - start
     model.load_state_dict(result.state_dict)
-    return Fitted(model, result, seconds)
+    return Fitted(model, result, seconds, config)
 
 
 def heldout_accuracy(
@@ -170,7 +171,6 @@ def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
     weight initialisation and the training randomness (sampling, noise).
     """
     mechanism = get_mechanism(request.mechanism)
-    config = config_from_mapping(mechanism.config_type, {**request.options, "progress": False})
     data: Dataset = load_dataset(request.dataset, request.data_options)
     device = resolve_device(request.device)
     keep_seq, init_seed, train_seed = seeds(request.seed)
@@ -186,7 +186,7 @@ def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
         device=device,
         progress=request.progress,
     )
-    model, result = fitted.model, fitted.result
+    model, result, config = fitted.model, fitted.result, fitted.config
     members = torch.from_numpy(keep)
     passes = mechanism.eval_passes(config)
     train_acc = accuracy(model, data.x[members].to(device), data.y[members].to(device), passes=passes)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import NonFiniteLossError, TrainConfig
@@ -57,14 +56,6 @@ def accuracy(
         correct += int((probs.argmax(1) == y[i : i + batch_size]).sum())
     model.train(was_training)
     return correct / len(y)
-
-
-@torch.no_grad()
-def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    total = 0.0
-    for i in range(0, len(y), batch_size):
-        total += float(F.cross_entropy(model(x[i : i + batch_size]), y[i : i + batch_size], reduction="sum"))
-    return total / max(1, len(y))
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
