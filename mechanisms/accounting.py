@@ -7,11 +7,14 @@ noise multiplier to a target epsilon with ``dp_accounting.calibrate_dp_mechanism
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import dp_accounting
+import numpy as np
 from dp_accounting import DpEvent
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
@@ -22,7 +25,12 @@ __all__ = [
     "calibrate_noise_multiplier",
     "dpsgd_event",
     "epsilon",
+    "gaussian_delta",
     "make_accountant",
+    "student_t_delta",
+    "student_t_gdp_mu",
+    "student_t_max_loss",
+    "student_t_noise_multiplier",
 ]
 
 ACCOUNTANTS = ("pld", "rdp")
@@ -133,7 +141,8 @@ def calibrate_noise_multiplier(
         f"target epsilon {target_epsilon} is above the largest epsilon calibration considers "
         f"(noise multiplier {lo}); train for more epochs or set --noise-multiplier directly"
     )
-    if epsilon(make_event(lo), delta=delta, accountant="rdp") <= target_epsilon:
+    rdp_ok = make_accountant("rdp").supports(make_event(lo))
+    if epsilon(make_event(lo), delta=delta, accountant="rdp" if rdp_ok else accountant) <= target_epsilon:
         if (
             accountant == "rdp"
             or epsilon(make_event(lo), delta=delta, accountant=accountant) <= target_epsilon
@@ -141,6 +150,8 @@ def calibrate_noise_multiplier(
             raise too_large
     if accountant == "rdp":
         return _brent(target_epsilon, delta, make_event, "rdp", lo, hi)
+    if not make_accountant("rdp").supports(make_event(hi)):  # e.g. Poisson-sampled Laplace
+        return _brent(target_epsilon, delta, make_event, accountant, lo, hi)
     s_rdp = _brent(target_epsilon, delta, make_event, "rdp", lo, hi)
     upper = s_rdp if epsilon(make_event(s_rdp), delta=delta, accountant=accountant) <= target_epsilon else hi
     lower = max(lo, 0.7 * s_rdp)
@@ -149,3 +160,114 @@ def calibrate_noise_multiplier(
         if epsilon(make_event(lo), delta=delta, accountant=accountant) <= target_epsilon:
             raise too_large
     return _brent(target_epsilon, delta, make_event, accountant, lower, upper)
+
+
+# --- Student-t noise on a coordinate-wise bounded vector (gradient encoding) -----------------
+#
+# One coordinate: outputs P = t_nu(loc v, scale s) and Q = t_nu(loc 0, scale s). The privacy
+# loss log P/Q = -((nu+1)/2) log1p(v (v - 2x) / (nu s^2 + x^2)) is bounded, and {loss > eps} is
+# an interval whose ends solve a quadratic, so the hockey-stick divergence delta(eps) is exact
+# in closed form from the t CDF. The pair is symmetric (reflect x -> v - x), so the add and
+# remove directions coincide. Each coordinate is then bounded by the smallest Gaussian-DP
+# mu with delta_t(eps) <= delta_G(eps; mu) for all eps >= 0 (checked on a grid with the
+# decreasing-function interval argument, so the bound holds between grid points too). mu-GDP
+# composes exactly across coordinates (mu_total^2 = sum mu_i^2), so a step is dominated by a
+# Gaussian mechanism with noise multiplier 1 / mu_total, and its Poisson subsampling and
+# composition over steps are accounted by dp-accounting like DP-SGD.
+
+
+def student_t_delta(eps: np.ndarray, shift: float, df: float) -> np.ndarray:
+    """Exact hockey-stick divergence H_{e^eps}(t_df(shift, 1) || t_df(0, 1)) for ``eps >= 0``."""
+    from scipy import stats
+
+    eps = np.asarray(eps, dtype=np.float64)
+    v, c = abs(float(shift)), float(df)
+    t = stats.t(df)
+    if v == 0:
+        return np.zeros_like(eps)
+    a = np.exp(-2.0 * eps / (c + 1.0))
+    one_minus_a = -np.expm1(-2.0 * eps / (c + 1.0))
+    disc = a * v * v - one_minus_a**2 * c
+    out = np.zeros_like(eps)
+    zero = eps == 0
+    out[zero] = 1.0 - 2.0 * t.sf(v / 2.0)
+    live = (~zero) & (disc > 0)
+    root = np.sqrt(np.where(live, disc, 0.0))
+    x2 = np.where(live, (v + root) / np.where(one_minus_a > 0, one_minus_a, 1.0), 0.0)
+    x1 = np.where(live, (v * v + one_minus_a * c) / (v + root), 0.0)
+    p = t.sf(x1 - v) - t.sf(x2 - v)
+    q = t.sf(x1) - t.sf(x2)
+    out[live] = np.maximum(0.0, (p - np.exp(eps) * q)[live])
+    return out
+
+
+def student_t_max_loss(shift: float, df: float) -> float:
+    """sup_x of the privacy loss: attained at x = (v + sqrt(v^2 + 4 nu)) / 2 (scale 1)."""
+    v, c = abs(float(shift)), float(df)
+    x = (v + math.sqrt(v * v + 4.0 * c)) / 2.0
+    return -(c + 1.0) / 2.0 * math.log1p(v * (v - 2.0 * x) / (c + x * x))
+
+
+def gaussian_delta(eps: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """Hockey-stick divergence of the mu-GDP Gaussian pair N(mu, 1) vs N(0, 1)."""
+    from scipy.special import log_ndtr, ndtr
+
+    eps, mu = np.asarray(eps, dtype=np.float64), np.asarray(mu, dtype=np.float64)
+    return ndtr(-eps / mu + mu / 2.0) - np.exp(eps + log_ndtr(-eps / mu - mu / 2.0))
+
+
+def student_t_gdp_mu(shift: float, df: float, grid: int = 400) -> float:
+    """The smallest mu (up to bisection tolerance, rounded up) with the t pair mu-GDP.
+
+    For eps in [e_i, e_{i+1}]: delta_t(eps) <= delta_t(e_i) and delta_G(eps) >= delta_G(e_{i+1})
+    (both decrease in eps), so requiring delta_G(e_{i+1}; mu) >= delta_t(e_i) for every i covers
+    every eps in [0, eps_max]; above eps_max = sup loss, delta_t is 0.
+    """
+    if shift == 0:
+        return 0.0
+    top = student_t_max_loss(shift, df)
+    edges = np.linspace(0.0, top, grid + 1)
+    need = student_t_delta(edges[:-1], shift, df)
+    at = edges[1:]
+    lo = np.full(grid, 1e-12)
+    hi = np.full(grid, 2.0 * top + 10.0)
+    for _ in range(80):  # vectorised bisection; delta_G increases with mu
+        mid = np.sqrt(lo * hi)
+        ok = gaussian_delta(at, mid) >= need
+        hi = np.where(ok, mid, hi)
+        lo = np.where(ok, lo, mid)
+    hi = np.where(need > 0, hi, 0.0)
+    return float(hi.max()) * (1.0 + 1e-9)
+
+
+@functools.lru_cache(maxsize=65536)
+def _gdp_mu_at_level(level: int, ratio: float, df: float) -> float:
+    return student_t_gdp_mu(ratio**level, df)
+
+
+def student_t_noise_multiplier(
+    bounds: np.ndarray, scale: float, df: float, *, level_ratio: float = 1.01, floor_ratio: float = 1e-4
+) -> float:
+    """Gaussian noise multiplier dominating one step of Student-t noise (scale ``scale``) on a
+    vector whose coordinates are bounded by ``bounds`` in absolute value.
+
+    The standardised shifts ``bounds / scale`` are rounded *up* onto the fixed geometric grid
+    ``level_ratio ** k`` (values below ``floor_ratio * max`` raised to that floor), so equal
+    levels share one computation, cached across calls (calibration revisits them); the t pair's
+    divergence grows with the shift (tested), so rounding up is conservative.
+    Returns ``1 / sqrt(sum_i mu_i^2)``.
+    """
+    if not (scale > 0):
+        raise ValueError(f"noise scale must be > 0, got {scale}")
+    u = np.abs(np.asarray(bounds, dtype=np.float64)) / scale
+    u = u[u > 0]
+    if len(u) == 0:
+        return math.inf
+    u = np.maximum(u, u.max() * floor_ratio)
+    k = np.ceil(np.log(u) / math.log(level_ratio) - 1e-9).astype(np.int64)
+    levels, counts = np.unique(k, return_counts=True)
+    total = sum(
+        int(c) * _gdp_mu_at_level(int(level), level_ratio, float(df)) ** 2
+        for level, c in zip(levels, counts, strict=True)
+    )
+    return 1.0 / math.sqrt(total)

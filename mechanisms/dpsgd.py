@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from dp_accounting import DpEvent
 from torch import nn
 
 from .accounting import ACCOUNTANTS, calibrate_noise_multiplier, dpsgd_event, epsilon
@@ -115,12 +116,17 @@ def check_delta(delta: float, n: int, allow_large: bool) -> None:
         warnings.warn("WEAK GUARANTEE: " + msg, stacklevel=3)
 
 
-def plan_dpsgd(config: DpSgdConfig, n: int) -> DpSgdPlan:
+def plan_dpsgd(
+    config: DpSgdConfig, n: int, make_event: Callable[[float, float, int], DpEvent] | None = None
+) -> DpSgdPlan:
     """Sample rate q = B/N, steps = epochs * round(1/q), and the noise multiplier.
 
     With ``config.epsilon`` the multiplier is calibrated with dp-accounting so that the whole
-    run's epsilon at ``config.delta`` is at most the target.
+    run's epsilon at ``config.delta`` is at most the target. ``make_event(sigma, q, steps)``
+    describes the whole run for calibration (default: DP-SGD's event); mechanisms that spend
+    privacy elsewhere too (screening's noisy acceptance test) pass their own.
     """
+    make_event = make_event or (lambda s, q, t: dpsgd_event(noise_multiplier=s, sample_rate=q, steps=t))
     if config.batch_size > n:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {n} training examples")
     check_delta(config.delta, n, config.allow_large_delta)
@@ -132,7 +138,7 @@ def plan_dpsgd(config: DpSgdConfig, n: int) -> DpSgdPlan:
         sigma = calibrate_noise_multiplier(
             target_epsilon=config.epsilon,
             delta=config.delta,
-            make_event=lambda s: dpsgd_event(noise_multiplier=s, sample_rate=q, steps=steps),
+            make_event=lambda s: make_event(s, q, steps),
             accountant=config.accountant,
         )
         logger.info("calibrated noise multiplier %.4f for epsilon %s", sigma, config.epsilon)
@@ -271,10 +277,17 @@ def train_private(
     name: str = "dpsgd",
     make_gradient: Callable[[DpSgdPlan, torch.optim.Optimizer], GradientFn] | None = None,
     note: str = "",
+    make_event: Callable[[float, float, int], DpEvent] | None = None,
+    extras: dict | None = None,
 ) -> TrainResult:
-    """The DP-SGD training loop and accounting, for DP-SGD and mechanisms that reuse both."""
+    """The DP-SGD training loop and accounting, for DP-SGD and mechanisms that reuse both.
+
+    ``make_event(sigma, q, steps)`` describes the run for calibration and the final epsilon
+    (default: DP-SGD's Poisson-sampled Gaussian event).
+    """
     refuse_batchnorm(model)
-    plan = plan_dpsgd(config, len(y))
+    make_event = make_event or (lambda s, q, t: dpsgd_event(noise_multiplier=s, sample_rate=q, steps=t))
+    plan = plan_dpsgd(config, len(y), make_event)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, plan.steps)
     gradient = make_gradient(plan, optimizer) if make_gradient else dpsgd_gradient(config, plan, generator)
@@ -296,9 +309,7 @@ def train_private(
                 gradient=gradient,
             )
             history.append({"epoch": epoch, "train_loss": loss})
-    event = dpsgd_event(
-        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps
-    )
+    event = make_event(plan.noise_multiplier, plan.sample_rate, plan.steps)
     eps = epsilon(event, delta=config.delta, accountant=config.accountant)
     privacy = Privacy(
         formal=True,
@@ -314,7 +325,7 @@ def train_private(
         f"({config.accountant.upper()}), add/remove-one adjacency",
     )
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return TrainResult(state, history, event, privacy)
+    return TrainResult(state, history, event, privacy, dict(extras or {}))
 
 
 def train_dpsgd(

@@ -1,0 +1,313 @@
+"""Gradient encoding and denoising (Nasr, Shokri, Houmansadr 2020; MECHANISMS.md section 3).
+
+From the authors' released code (``srxzr/DPtorch``, ``dpoptimizer.py``), microbatch 1. Per
+example: keep the ``top_k`` largest-magnitude coordinates of the gradient, L2-clip them to C,
+scale by m, pick the codeword nearest in cosine to their magnitudes (in rank order) and clamp
+the coordinate of rank i to +-Q[r, i]; sum the encoded vectors; add i.i.d. noise of the chosen
+law to **every** coordinate; divide by the expected lot size M. The optional denoiser (the
+code's ``--errcrt``) compares the noisy mean with a fresh pure-noise sample by the two-sample
+Kolmogorov-Smirnov statistic D: skip the step if ``lambda * D < tau``, else scale the update by
+``min(lambda * D, 5)``. It reads only privatised quantities and fresh noise (post-processing).
+
+The codebook is data-independent: ``codebook_size`` rows of sorted |N(0, 1)| draws (the code's
+commented-out recipe used normal draws too), each scaled to L2 norm ``quant_clip``, generated
+from ``codebook_seed``. The released codebook is a download that is not available.
+
+Every encoded vector e satisfies ``|e_(i)| <= Q[r, i]`` for its codeword, so
+``||e||_2 <= quant_clip`` and ``||e||_1 <= max_r ||Q_r||_1``. Accounting (all Poisson sampling,
+add/remove-one adjacency, dp-accounting for subsampling and composition):
+
+* ``gaussian`` (std ``noise_multiplier * quant_clip``): a Poisson-sampled Gaussian event with
+  that noise multiplier, as DP-SGD;
+* ``laplace`` (scale ``noise_multiplier * L1 bound``): a Poisson-sampled Laplace event;
+* ``studentt`` (df, scale ``noise_multiplier * quant_clip``; the released law): each coordinate
+  of rank i is bounded by the envelope ``max_r Q[r, i]``; the exact per-coordinate privacy
+  curve (closed form) is bounded by mu_i-Gaussian DP, mu-GDP composes across coordinates, and
+  the step is accounted as a Poisson-sampled Gaussian with noise multiplier
+  ``1 / sqrt(sum_i mu_i^2)`` (see ``accounting.student_t_noise_multiplier``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import dp_accounting
+import numpy as np
+import torch
+from dp_accounting import DpEvent
+from torch import nn
+from torch.nn import functional as F
+
+from .accounting import dpsgd_event, student_t_noise_multiplier
+from .base import Mechanism, TrainResult
+from .dpsgd import DpSgdConfig, DpSgdPlan, GradientFn, refuse_batchnorm, train_private
+from .per_example import Workspace, ghost_per_example_grads, ghost_supported, per_example_grads
+from .registry import register_mechanism
+
+__all__ = [
+    "LAWS",
+    "Encoder",
+    "EncodingConfig",
+    "denoise",
+    "encode",
+    "ks_statistic",
+    "make_codebook",
+    "sample_noise",
+    "train_encoding",
+]
+
+LAWS = ("gaussian", "laplace", "studentt")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodingConfig(DpSgdConfig):
+    """DP-SGD options plus the encoding; defaults are the released MNIST ones.
+
+    ``noise_multiplier`` is the noise scale relative to the encoded vector's bound: the std
+    (Gaussian) or scale (Student-t) over ``quant_clip``, the Laplace scale over the L1 bound.
+    The released MNIST run is Student-t(9) with scale 1.0: ``noise_multiplier = 1``.
+    """
+
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 0.2
+    momentum: float = 0.0
+    top_k: int = 14000
+    quant_multiplier: float = 4.0
+    quant_clip: float = 1.0
+    codebook_size: int = 64
+    codebook_seed: int = 0
+    noise: str = "studentt"
+    noise_df: float = 9.0
+    denoise: bool = True
+    distance_multiplier: float = 500.0
+    distance_threshold: float = 0.7
+    max_scale: float = 5.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        for name in ("quant_multiplier", "quant_clip", "distance_multiplier", "max_scale"):
+            if not (getattr(self, name) > 0):
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.codebook_size < 1:
+            raise ValueError(f"codebook_size must be >= 1, got {self.codebook_size}")
+        if self.noise not in LAWS:
+            raise ValueError(f"noise must be one of {', '.join(LAWS)}, got {self.noise!r}")
+        if not (self.noise_df > 2):
+            raise ValueError(f"noise_df must be > 2 (finite variance), got {self.noise_df}")
+        if self.distance_threshold < 0:
+            raise ValueError(f"distance_threshold must be >= 0, got {self.distance_threshold}")
+
+
+def make_codebook(k: int, rows: int, norm: float, seed: int) -> torch.Tensor:
+    """``rows`` x ``k`` descending magnitude profiles of |N(0, 1)| draws, each of L2 norm ``norm``.
+
+    Depends only on its arguments (a private generator seeded by ``seed``), never on data.
+    """
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, k, generator=g, dtype=torch.float64).abs()
+    z = z.sort(dim=1, descending=True).values
+    return (z * (norm / z.norm(dim=1, keepdim=True))).to(torch.float32)
+
+
+def encode(
+    grads: torch.Tensor, codebook: torch.Tensor, *, clip_norm: float, multiplier: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode flat per-example gradients [B, d]: returns (indices [B, k], values [B, k]).
+
+    Top-k by magnitude; the selected part L2-clipped to ``clip_norm`` and scaled by
+    ``multiplier``; the nearest codeword r by cosine with the magnitudes in rank order; the
+    coordinate of rank i clamped to +-Q[r, i]. Non-selected coordinates are 0.
+    """
+    k = codebook.shape[1]
+    magnitude, index = torch.topk(grads.abs(), k, dim=1, sorted=True)
+    sign = torch.gather(grads, 1, index).sign()
+    norm = magnitude.norm(dim=1, keepdim=True)
+    magnitude = magnitude * (clip_norm / norm.clamp_min(clip_norm)) * multiplier
+    nearest = (magnitude @ codebook.T).argmax(dim=1)  # codewords share one norm: dot = cosine
+    values = torch.minimum(magnitude, codebook[nearest]) * sign
+    return index, values
+
+
+def ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic sup |F_a - F_b| (ties handled as scipy does)."""
+    a, b = a.flatten().sort().values, b.flatten().sort().values
+    points = torch.cat([a, b])
+    fa = torch.searchsorted(a, points, right=True).double() / len(a)
+    fb = torch.searchsorted(b, points, right=True).double() / len(b)
+    return float((fa - fb).abs().max())
+
+
+def sample_noise(law: str, scale: float, df: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` i.i.d. draws of the law: N(0, scale^2), Laplace(0, scale) or scale * t_df."""
+    if law == "gaussian":
+        return rng.normal(0.0, scale, n)
+    if law == "laplace":
+        return rng.laplace(0.0, scale, n)
+    if law == "studentt":
+        return scale * rng.standard_t(df, n)
+    raise ValueError(f"unknown noise law {law!r}")
+
+
+def denoise(
+    noisy_mean: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    multiplier: float,
+    threshold: float,
+    max_scale: float,
+) -> float:
+    """The update's scale: 0 (skip) if ``lambda * D < tau``, else ``min(lambda * D, max_scale)``."""
+    s = multiplier * ks_statistic(noisy_mean, reference)
+    return 0.0 if s < threshold else min(s, max_scale)
+
+
+class Encoder:
+    """Builds the codebook for a model and the law's noise scale; counts skipped steps."""
+
+    def __init__(self, config: EncodingConfig, dim: int) -> None:
+        self.config = config
+        self.dim = dim
+        self.k = min(config.top_k, dim)
+        self.codebook = make_codebook(self.k, config.codebook_size, config.quant_clip, config.codebook_seed)
+        self.l1_bound = float(self.codebook.double().sum(dim=1).max())
+        self.envelope = self.codebook.double().max(dim=0).values.numpy()
+        self.skipped = 0
+        self.steps = 0
+        self.scales: list[float] = []
+
+    def noise_scale(self, noise_multiplier: float) -> float:
+        bound = self.l1_bound if self.config.noise == "laplace" else self.config.quant_clip
+        return noise_multiplier * bound
+
+    def event(self, noise_multiplier: float, sample_rate: float, steps: int) -> DpEvent:
+        """The run's DpEvent for this law (see the module docstring)."""
+        if self.config.noise == "gaussian":
+            return dpsgd_event(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        if self.config.noise == "laplace":
+            step = dp_accounting.PoissonSampledDpEvent(
+                sample_rate, dp_accounting.LaplaceDpEvent(noise_multiplier)
+            )
+            return dp_accounting.SelfComposedDpEvent(step, steps)
+        return dpsgd_event(
+            noise_multiplier=self.gaussian_equivalent(noise_multiplier), sample_rate=sample_rate, steps=steps
+        )
+
+    def gaussian_equivalent(self, noise_multiplier: float) -> float:
+        """Student-t: the noise multiplier of the dominating Gaussian (same sensitivity 1)."""
+        scale = self.noise_scale(noise_multiplier)
+        return student_t_noise_multiplier(self.envelope, scale, self.config.noise_df)
+
+    def gradient(
+        self, model: nn.Module, plan: DpSgdPlan, generator: torch.Generator, workspace: Workspace
+    ) -> GradientFn:
+        config = self.config
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        fast = config.engine != "vmap" and ghost_supported(model)
+        scale = self.noise_scale(plan.noise_multiplier)
+        codebook = self.codebook.to(next(iter(params.values())).device)
+
+        def step(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+            first = next(iter(params.values()))
+            total = torch.zeros(self.dim, device=first.device, dtype=first.dtype)
+            loss_sum = 0.0
+            for start in range(0, len(y), config.physical_batch_size):
+                xb, yb = (
+                    x[start : start + config.physical_batch_size],
+                    y[start : start + config.physical_batch_size],
+                )
+                if fast:
+                    per = ghost_per_example_grads(m, xb, yb, workspace=workspace)
+                else:
+                    per = per_example_grads(m, xb, yb)
+                flat = torch.cat([per[n].reshape(len(yb), -1) for n in params], dim=1)
+                index, values = encode(
+                    flat, codebook, clip_norm=config.clip_norm, multiplier=config.quant_multiplier
+                )
+                total.index_add_(0, index.flatten(), values.flatten().to(total.dtype))
+                with torch.no_grad():
+                    loss_sum += float(F.cross_entropy(m(xb), yb, reduction="sum"))
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+            rng = np.random.default_rng(seed)
+            noise = torch.from_numpy(sample_noise(config.noise, scale, config.noise_df, self.dim, rng))
+            noisy = (total + noise.to(total)) / plan.expected_batch_size
+            factor = 1.0
+            if config.denoise:
+                ref = torch.from_numpy(sample_noise(config.noise, scale, config.noise_df, self.dim, rng))
+                factor = denoise(
+                    noisy,
+                    ref.to(noisy) / plan.expected_batch_size,
+                    multiplier=config.distance_multiplier,
+                    threshold=config.distance_threshold,
+                    max_scale=config.max_scale,
+                )
+            self.steps += 1
+            self.skipped += int(factor == 0.0)
+            self.scales.append(factor)
+            out, offset = {}, 0
+            for n, p in params.items():
+                out[n] = (noisy[offset : offset + p.numel()] * factor).view_as(p)
+                offset += p.numel()
+            return out, loss_sum
+
+        return step
+
+
+def train_encoding(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    config: EncodingConfig,
+    generator: torch.Generator,
+) -> TrainResult:
+    """Train with gradient encoding and denoising; epsilon from dp-accounting per noise law."""
+    dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    encoder = Encoder(config, dim)
+    workspace = Workspace()
+    law = {
+        "gaussian": "Gaussian noise on the L2 bound",
+        "laplace": f"Laplace noise on the L1 bound {encoder.l1_bound:.4g}",
+        "studentt": f"Student-t({config.noise_df:g}) noise bounded coordinate-wise by mu-GDP",
+    }[config.noise]
+    result = train_private(
+        model,
+        x,
+        y,
+        config=config,
+        generator=generator,
+        name="encoding",
+        make_gradient=lambda plan, optimizer: encoder.gradient(model, plan, generator, workspace),
+        make_event=encoder.event,
+        note=f"gradient encoding (top-{encoder.k} of {dim}, codebook of {config.codebook_size} seeded rows): "
+        f"{law}; Poisson-sampled event composed in dp-accounting, add/remove-one adjacency",
+    )
+    extras = {
+        "noise_law": config.noise,
+        "noise_scale": encoder.noise_scale(result.privacy.noise_multiplier or math.nan),
+        "top_k": encoder.k,
+        "l2_bound": config.quant_clip,
+        "l1_bound": encoder.l1_bound,
+        "skipped_steps": encoder.skipped,
+        "mean_update_scale": float(np.mean(encoder.scales)) if encoder.scales else math.nan,
+    }
+    if config.noise == "studentt":
+        extras["gaussian_equivalent_noise_multiplier"] = encoder.gaussian_equivalent(
+            result.privacy.noise_multiplier or math.nan
+        )
+    return TrainResult(result.state_dict, result.history, result.event, result.privacy, extras)
+
+
+ENCODING = register_mechanism(
+    Mechanism(
+        "encoding",
+        EncodingConfig,
+        train_encoding,
+        "Gradient encoding and denoising (Nasr et al.): top-k, codebook clamp, Gaussian/Laplace/"
+        "Student-t noise on every coordinate (formal epsilon per law)",
+        validate_model=refuse_batchnorm,
+    )
+)

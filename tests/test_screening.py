@@ -1,0 +1,231 @@
+"""SA-DPSGD screening: rollback, forced acceptance, the acceptance law, and both accountings."""
+
+import json
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from audit.data import DataOptions
+from audit.train import TrainRequest, train_target
+from mechanisms.models import build_model
+from mechanisms.screening import (
+    Annealer,
+    ScreeningConfig,
+    Snapshot,
+    acceptance_probability,
+    noisy_loss_change,
+    train_screening,
+)
+from mechanisms.training import make_optimizer
+
+
+def _state(model, optimizer):
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = {
+        i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+        for i, s in optimizer.state_dict()["state"].items()
+    }
+    return weights, opt, [dict(g) for g in optimizer.state_dict()["param_groups"]]
+
+
+def _assert_bit_identical(a, b):
+    (wa, oa, ga), (wb, ob, gb) = a, b
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert oa.keys() == ob.keys()
+    for i in oa:
+        assert oa[i].keys() == ob[i].keys()
+        for k in oa[i]:
+            va, vb = oa[i][k], ob[i][k]
+            assert torch.equal(va, vb) if torch.is_tensor(va) else va == vb
+    assert ga == gb
+
+
+def _step(model, optimizer, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(16, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("steps_before", [0, 3])
+def test_rejected_step_restores_parameters_and_optimizer_state_bit_identically(optimizer, steps_before):
+    model = build_model("mlp", (1, 8, 8), 10, seed=0)
+    opt = make_optimizer(model, ScreeningConfig(optimizer=optimizer, momentum=0.9, noise_multiplier=1.0))
+    for s in range(steps_before):  # with steps_before = 0 the optimizer has no state yet
+        _step(model, opt, s)
+    snapshot = Snapshot(model, opt)
+    before = _state(model, opt)
+    _step(model, opt, 99)
+    assert not all(torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
+    snapshot.restore()
+    _assert_bit_identical(_state(model, opt), before)
+    # the restored state then evolves exactly as the original would have
+    _step(model, opt, 7)
+    after_restore = _state(model, opt)
+    twin = build_model("mlp", (1, 8, 8), 10, seed=0)
+    twin_opt = make_optimizer(twin, ScreeningConfig(optimizer=optimizer, momentum=0.9, noise_multiplier=1.0))
+    for s in range(steps_before):
+        _step(twin, twin_opt, s)
+    _step(twin, twin_opt, 7)
+    _assert_bit_identical(after_restore, _state(twin, twin_opt))
+
+
+def _digits(n=300):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_training_that_rejects_every_candidate_returns_the_initial_weights(monkeypatch):
+    model = build_model("mlp", (1, 8, 8), 10, seed=0)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _digits()
+    seen = []
+
+    def reject(self, delta_e, u):
+        self.candidates += 1
+        self.rejections += 1
+        seen.append(delta_e)
+        return False
+
+    monkeypatch.setattr(Annealer, "decide", reject)
+    config = ScreeningConfig(
+        epochs=2, batch_size=30, lr=0.5, momentum=0.9, noise_multiplier=1.0, validation_size=50
+    )
+    result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == result.extras["candidate_steps"] == 20
+    assert any(d != 0 for d in seen)  # candidates really moved the model
+    for k, v in result.state_dict.items():
+        assert torch.equal(v, initial[k]), k
+    assert result.extras["accepted_steps"] == 0
+
+
+def test_forced_acceptance_after_max_rejections():
+    a = Annealer(rate=1e6, max_rejections=5)
+    assert a.decide(1.0, 0.999)  # t = 0: p = 1, every candidate accepted
+    decisions = [a.decide(1.0, 0.5) for _ in range(12)]
+    assert decisions == [False] * 5 + [True] + [False] * 5 + [True]
+    assert a.forced == 2 and a.accepted == 3 and a.candidates == 13
+    b = Annealer(rate=1e6, max_rejections=0)
+    b.decide(1.0, 0.5)
+    assert all(b.decide(1.0, 0.5) for _ in range(5))
+    c = Annealer(rate=1e6, max_rejections=5)
+    c.decide(1.0, 0.5)
+    assert c.decide(-1e-9, 0.999) and c.decide(0.0, 0.999)  # a loss that does not rise is accepted
+
+
+@pytest.mark.parametrize("delta_e, accepted, rate", [(0.02, 3, 10.0), (0.5, 1, 1.0), (0.001, 200, 10.0)])
+def test_acceptance_probability_follows_exp_minus_de_k_t(delta_e, accepted, rate):
+    p = math.exp(-delta_e * rate * accepted)
+    assert acceptance_probability(delta_e, accepted, rate) == pytest.approx(p, rel=1e-15)
+    rng = np.random.default_rng(0)
+    n, hits = 20_000, 0
+    for u in rng.random(n):
+        a = Annealer(rate=rate, max_rejections=5)
+        a.accepted = accepted
+        hits += a.decide(delta_e, float(u))
+    # exact two-sided binomial test; a wrong law (e.g. t+1, or k/t) fails with p ~ 0
+    assert stats.binomtest(hits, n, p).pvalue > 1e-4
+
+
+def test_noisy_loss_change_clips_each_example_and_noise_has_the_stated_scale():
+    before = torch.zeros(6, dtype=torch.float64)
+    after = torch.tensor([5.0, -5.0, 0.05, -0.02, 1.0, 0.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    tiny = noisy_loss_change(before, after, clip=0.1, noise_multiplier=1e-12, expected_size=6, generator=g)
+    assert tiny == pytest.approx((0.1 - 0.1 + 0.05 - 0.02 + 0.1 + 0.0) / 6, abs=1e-12)
+    draws = np.array(
+        [
+            noisy_loss_change(before, before, clip=0.1, noise_multiplier=2.0, expected_size=1, generator=g)
+            for _ in range(4000)
+        ]
+    )
+    # N(0, (2 C_v sigma_v)^2) = N(0, 0.4^2): Kolmogorov-Smirnov against the stated law
+    assert stats.kstest(draws, stats.norm(scale=0.4).cdf).pvalue > 1e-3
+
+
+def _train(tmp_path, name, **options):
+    req = TrainRequest(
+        dataset="digits",
+        model="mlp",
+        mechanism="screening",
+        options={"epochs": 3, "batch_size": 64, "lr": 0.5, **options},
+        data_options=DataOptions(),
+        progress=False,
+    )
+    train_target(req, tmp_path / name)
+    return json.loads((tmp_path / name / "model.json").read_text())
+
+
+def test_sound_epsilon_equals_dp_accounting_composition_recomputed_from_model_json(tmp_path):
+    meta = _train(tmp_path, "sound", epsilon=4.0, validation_size=40, validation_noise_multiplier=3.0)
+    p, h, x = meta["privacy"], meta["hyperparameters"], meta["extras"]
+    assert p["formal"] is True and h["variant"] == "sound"
+    n = meta["members"]
+    steps = x["candidate_steps"]
+    assert p["steps"] == steps == h["epochs"] * round(n / h["batch_size"])  # every candidate counted
+    assert x["accepted_steps"] <= steps
+    train_event = dp_accounting.PoissonSampledDpEvent(
+        h["batch_size"] / n, dp_accounting.GaussianDpEvent(p["noise_multiplier"])
+    )
+    test_event = dp_accounting.PoissonSampledDpEvent(
+        h["validation_size"] / n, dp_accounting.GaussianDpEvent(h["validation_noise_multiplier"])
+    )
+    acc = dp_accounting.pld.PLDAccountant()
+    acc.compose(dp_accounting.ComposedDpEvent([train_event, test_event]), steps)
+    assert p["epsilon"] == pytest.approx(acc.get_epsilon(p["delta"]), rel=1e-9)
+    assert 0.99 * 4.0 <= p["epsilon"] <= 4.0
+    # the test is not free: the same sigma without the test event gives a smaller epsilon
+    alone = dp_accounting.pld.PLDAccountant()
+    alone.compose(train_event, steps)
+    assert alone.get_epsilon(p["delta"]) < p["epsilon"]
+
+
+def test_published_counts_accepted_steps_only_and_says_formal_false(tmp_path):
+    meta = _train(
+        tmp_path, "pub", noise_multiplier=1.0, variant="published", validation_size=60, anneal_rate=50.0
+    )
+    p, h, x = meta["privacy"], meta["hyperparameters"], meta["extras"]
+    assert p["formal"] is False and "accepted" in p["note"] and "no DP protection" in p["note"]
+    n_train = meta["members"] - h["validation_size"]  # the held-out examples never give gradients
+    assert p["sample_rate"] == pytest.approx(h["batch_size"] / n_train)
+    planned = h["epochs"] * round(n_train / h["batch_size"])
+    assert x["accepted_steps"] == p["steps"] == planned  # runs until the planned steps are accepted
+    assert x["candidate_steps"] > x["accepted_steps"]  # this setting rejects some candidates
+
+    def eps(steps):
+        acc = dp_accounting.pld.PLDAccountant()
+        event = dp_accounting.PoissonSampledDpEvent(p["sample_rate"], dp_accounting.GaussianDpEvent(1.0))
+        acc.compose(event, steps)
+        return acc.get_epsilon(p["delta"])
+
+    assert p["epsilon"] == pytest.approx(eps(x["accepted_steps"]), rel=1e-9)
+    assert x["epsilon_counting_every_candidate"] == pytest.approx(eps(x["candidate_steps"]), rel=1e-9)
+    assert x["epsilon_counting_every_candidate"] > p["epsilon"]
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="variant"):
+        ScreeningConfig(noise_multiplier=1.0, variant="faithful")
+    with pytest.raises(ValueError, match="validation_clip"):
+        ScreeningConfig(noise_multiplier=1.0, validation_clip=0.0)
+    x, y = _digits(100)
+    model = build_model("mlp", (1, 8, 8), 10, seed=0)
+    with pytest.raises(ValueError, match="leaves no training data"):
+        train_screening(
+            model,
+            x,
+            y,
+            config=ScreeningConfig(
+                noise_multiplier=1.0, variant="published", validation_size=100, batch_size=10
+            ),
+            generator=torch.Generator(),
+        )
