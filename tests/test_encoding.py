@@ -1,5 +1,6 @@
 """Gradient encoding: bounds, top-k, codebook, noise on every coordinate, denoiser, accounting."""
 
+import itertools
 import json
 import math
 
@@ -199,7 +200,7 @@ def test_student_t_delta_is_exact_against_quadrature():
 def test_student_t_pair_grows_with_the_shift_so_saturating_the_bound_is_worst():
     eps = np.linspace(0, 3, 61)
     curves = [student_t_delta(eps, v, 9) for v in (0.001, 0.01, 0.1, 0.5, 1.0, 2.0, 4.0)]
-    for small, large in zip(curves, curves[1:], strict=False):
+    for small, large in itertools.pairwise(curves):
         assert (large >= small - 1e-15).all()
 
 
