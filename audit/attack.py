@@ -169,11 +169,11 @@ def attack_checkpoint(
         )
     queries = request.queries or default_queries(data.input_shape)
     device = resolve_device(request.device)
-    model = build_model(meta["model"], data.input_shape, data.num_classes)
-    apply_weights(model, state_dict)
-    model.to(device)
-    # the model as its mechanism releases it: residual perturbation keeps its noise on
+    model = build_model(meta["model"], data.input_shape, data.num_classes).to(device)
+    # the model as its mechanism releases it (residual perturbation keeps its noise on, an
+    # ensemble holds its members), then its weights
     inference = released(model, str(meta.get("mechanism")), meta.get("hyperparameters", {}), request.seed)
+    apply_weights(inference.model, state_dict)
     target_logits = model_logits(
         inference.model, data.x.to(device), queries=queries, stochastic=inference.stochastic
     )

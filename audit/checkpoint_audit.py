@@ -95,12 +95,11 @@ def audit_checkpoint(
 ) -> dict[str, Any]:
     out = Path(out)
     state = load_weights(weights)
-    net = build_model(model, data.input_shape, data.num_classes)
-    apply_weights(net, state)
     device = resolve_device(request.device)
-    net.to(device)
+    net = build_model(model, data.input_shape, data.num_classes).to(device)
     mechanism, hyper = read_recipe(recipe) if recipe else ("unknown", {})
     inference = released(net, mechanism, hyper, request.seed)
+    apply_weights(inference.model, state)
     test_acc, split = heldout_accuracy(inference.model, data, members, device, inference.passes)
     meta = {
         "model": model,

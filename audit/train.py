@@ -110,6 +110,8 @@ def fit(
     model = build_model(model_name, data.input_shape, data.num_classes, seed=init_seed).to(device)
     if mechanism.validate_model is not None:
         mechanism.validate_model(model)
+    # the released predictor is what gets trained (e.g. noisy slots, an ensemble of copies)
+    model = mechanism.released(model, config, init_seed)
     generator = torch.Generator(device=device)
     generator.manual_seed(train_seed)
     mask = torch.from_numpy(np.asarray(members, dtype=bool))

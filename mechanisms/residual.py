@@ -18,8 +18,11 @@ runs say ``formal: false`` and the leakage is measured empirically by the attack
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,7 +31,7 @@ from .models import PerturbationSlot, residual_blocks
 from .registry import register_mechanism
 from .sgd import train_sgd
 
-__all__ = ["NoisySlot", "ResidualConfig", "install_noise", "train_residual"]
+__all__ = ["NoisySlot", "ResidualConfig", "SoftmaxEnsemble", "install_noise", "train_residual"]
 
 STRATEGIES = ("1", "2", "branch")
 NOTE = (
@@ -45,6 +48,7 @@ class ResidualConfig(TrainConfig):
     gamma: float = 0.1
     perturb_at_eval: bool = True
     eval_passes: int = 1
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,6 +58,8 @@ class ResidualConfig(TrainConfig):
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
         if self.eval_passes < 1:
             raise ValueError(f"eval_passes must be >= 1, got {self.eval_passes}")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1, got {self.ensemble}")
 
 
 class NoisySlot(PerturbationSlot):
@@ -87,9 +93,59 @@ class NoisySlot(PerturbationSlot):
         return f"strategy={self.strategy}, gamma={self.gamma}, perturb_at_eval={self.perturb_at_eval}"
 
 
+class SoftmaxEnsemble(nn.Module):
+    """E independently trained members averaged at the softmax.
+
+    ``forward`` returns ``log(mean_e softmax(member_e(x)))``: log-probabilities, usable as
+    logits (their softmax is the averaged softmax), so accuracy and attack signals need nothing
+    special.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logp = torch.stack([torch.log_softmax(m(x), dim=1) for m in self.members])
+        return torch.logsumexp(logp, dim=0) - math.log(len(self.members))
+
+
+def _reinitialise(module: nn.Module, seed: int) -> nn.Module:
+    """Fresh default initialisation of every layer, from ``seed`` (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in module.modules():
+            if m is not module and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return module
+
+
+def _slot_seed(seed: int, member: int, purpose: int = 0) -> int:
+    """Independent seeds per member: ``purpose`` 0 for the noise, 1 for the initialisation."""
+    return int(np.random.SeedSequence([seed % 2**63, purpose, member]).generate_state(1)[0])
+
+
 def install_noise(model: nn.Module, config: TrainConfig, seed: int = 0) -> nn.Module:
-    """Fill every residual block's perturbation slot with a :class:`NoisySlot` (in place)."""
+    """The released predictor: noisy slots in every residual block; with ``ensemble`` E > 1,
+    E copies of the architecture (members 1..E-1 freshly initialised) averaged at the softmax.
+
+    Returns ``model`` itself (slots filled in place) when E = 1, else a :class:`SoftmaxEnsemble`.
+    """
     assert isinstance(config, ResidualConfig)
+    if isinstance(model, SoftmaxEnsemble):
+        for i, member in enumerate(model.members):
+            _install_slots(member, config, _slot_seed(seed, i))
+        return model
+    if config.ensemble > 1:
+        members = [model] + [
+            _reinitialise(copy.deepcopy(model), _slot_seed(seed, i, purpose=1))
+            for i in range(1, config.ensemble)
+        ]
+        return install_noise(SoftmaxEnsemble(members), config, seed)
+    return _install_slots(model, config, seed)
+
+
+def _install_slots(model: nn.Module, config: ResidualConfig, seed: int) -> nn.Module:
     blocks = residual_blocks(model)
     if not blocks:
         raise ValueError(
@@ -109,16 +165,22 @@ def train_residual(
 ) -> TrainResult:
     """Install the noise (seeded from ``generator``) and train with ordinary SGD."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    install_noise(model, config, seed)
-    result = train_sgd(model, x, y, config=config, generator=generator)
+    model = install_noise(model, config, seed)
+    members = list(model.members) if isinstance(model, SoftmaxEnsemble) else [model]
+    history: list[dict[str, float]] = []
+    for i, member in enumerate(members):  # independent training runs on the same data
+        result = train_sgd(member, x, y, config=config, generator=generator)
+        history += [{**h, "member": i} for h in result.history] if len(members) > 1 else result.history
     privacy = Privacy(formal=False, note=NOTE)
     extras = {
         "strategy": config.strategy,
         "gamma": config.gamma,
         "perturb_at_eval": config.perturb_at_eval,
         "eval_passes": config.eval_passes,
+        "ensemble": config.ensemble,
     }
-    return TrainResult(result.state_dict, result.history, None, privacy, extras)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return TrainResult(state, history, None, privacy, extras)
 
 
 def _refuse_non_residual(model: nn.Module) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from audit.train import TrainRequest, released, train_target
 from mechanisms.models import build_model, residual_blocks
-from mechanisms.residual import NoisySlot, ResidualConfig, install_noise
+from mechanisms.residual import NoisySlot, ResidualConfig, SoftmaxEnsemble, install_noise
 
 
 def _pair(strategy, gamma, perturb_at_eval=True):
@@ -141,3 +141,58 @@ def test_attack_uses_repeated_noisy_passes_as_queries(tmp_path):
     assert not np.array_equal(logits[:, 0], logits[:, 1])  # repeated passes of a noisy model differ
     recipe = (tmp_path / "out" / "references" / "residual" / "recipe.json").read_text()
     assert '"stochastic": true' in recipe
+
+
+def test_ensemble_averages_independent_members_at_the_softmax(tmp_path):
+    config = ResidualConfig(strategy="2", gamma=0.0, ensemble=3)
+    base = build_model("resnet8", (1, 12, 12), 10, seed=0)
+    ens = install_noise(base, config, seed=4)
+    assert isinstance(ens, SoftmaxEnsemble) and ens.members[0] is base
+    # members are independent initialisations, reproducible from the seed
+    w = [dict(m.named_parameters())["stem.0.weight"] for m in ens.members]
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+    again = install_noise(build_model("resnet8", (1, 12, 12), 10, seed=0), config, seed=4)
+    assert torch.equal(dict(again.members[2].named_parameters())["stem.0.weight"], w[2])
+    x = torch.rand(5, 1, 12, 12)
+    ens.eval()
+    with torch.no_grad():
+        mean_softmax = sum(torch.softmax(m(x), dim=1) for m in ens.members) / 3
+        torch.testing.assert_close(torch.softmax(ens(x), dim=1), mean_softmax)
+        torch.testing.assert_close(ens(x).exp().sum(dim=1), torch.ones(5))
+
+
+def test_ensemble_trains_every_member_and_reloads_for_attacks(tmp_path):
+    request = TrainRequest(
+        dataset="digits",
+        model="resnet8",
+        mechanism="residual",
+        progress=False,
+        options={"epochs": 1, "batch_size": 64, "lr": 0.05, "gamma": 0.1, "ensemble": 2},
+    )
+    meta = train_target(request, tmp_path / "t")
+    assert meta["hyperparameters"]["ensemble"] == 2 and meta["extras"]["ensemble"] == 2
+    assert sorted({h["member"] for h in meta["history"]}) == [0, 1]
+    from audit.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "t")
+    assert any(k.startswith("members.1.") for k in ckpt.state_dict)
+    assert not torch.equal(ckpt.state_dict["members.0.head.weight"], ckpt.state_dict["members.1.head.weight"])
+    # the ensemble's accuracy is that of the averaged softmax of the reloaded members
+    from audit.attack import AttackRequest, attack_target
+
+    results = attack_target(
+        AttackRequest(
+            target=str(tmp_path / "t"),
+            attacks=("loss", "lira-offline"),
+            references=2,
+            workers=1,
+            queries=2,
+            resamples=20,
+            progress=False,
+        ),
+        tmp_path / "out",
+    )
+    t = results["targets"][0]
+    assert 0.0 <= t["attacks"]["loss"]["auc"] <= 1.0 and t["queries"] == 2
+    recipe = (tmp_path / "out" / "references" / "residual" / "recipe.json").read_text()
+    assert '"ensemble": 2' in recipe
