@@ -40,6 +40,16 @@ def _privacy_text(p: dict[str, Any]) -> str:
     return "no formal guarantee" + (f": {p['note']}" if p.get("note") else "")
 
 
+def _privacy_short(p: dict[str, Any]) -> str:
+    """For table cells: the formal epsilon, or "no formal guarantee" (with a stated epsilon
+    when the mechanism states one, e.g. SA-DPSGD as published); the reasons go in notes."""
+    if p.get("formal") and p.get("epsilon") is not None:
+        return _privacy_text(p)
+    if p.get("epsilon") is not None:
+        return f"no formal guarantee (stated ε = {p['epsilon']:.4g}, not a bound)"
+    return "no formal guarantee"
+
+
 def _ci(v: list[float] | None) -> str:
     return f"[{v[0]:.3f}, {v[1]:.3f}]" if v else ""
 
@@ -140,7 +150,7 @@ def render_html(
             [
                 t["id"],
                 str(t.get("mechanism")),
-                _privacy_text(t["privacy"]),
+                _privacy_short(t["privacy"]),
                 f"{t['test_accuracy']:.4f}" if t.get("test_accuracy") is not None else "n/a",
                 strongest[t["id"]],
                 f"{t['attacks'][strongest[t['id']]]['tpr_at_fpr'].get('0.001', float('nan')):.4f}",
@@ -225,9 +235,16 @@ def render_markdown(results: dict[str, Any]) -> str:
         for name, m in t["attacks"].items():
             tp = m["tpr_at_fpr"]
             lines.append(
-                f"| {t['id']} | {_privacy_text(t['privacy'])} | {t.get('test_accuracy') or float('nan'):.4f} | {name} | "
+                f"| {t['id']} | {_privacy_short(t['privacy'])} | {t.get('test_accuracy') or float('nan'):.4f} | {name} | "
                 f"{m['auc']:.3f} {_ci(m['auc_ci'])} | {tp.get('0.001', float('nan')):.4f} | "
                 f"{tp.get('0.01', float('nan')):.4f} | {m['epsilon_lb']:.3f} |"
             )
     lines += ["", "Scores: higher = member. TPR@0.1% with fewer than 10,000 non-members is unstable."]
+    notes = [
+        f"- {t['id']}: {t['privacy']['note']}"
+        for t in results["targets"]
+        if not t["privacy"].get("formal") and t["privacy"].get("note")
+    ]
+    if notes:
+        lines += ["", "Privacy notes:", *notes]
     return "\n".join(lines) + "\n"

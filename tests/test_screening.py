@@ -229,3 +229,47 @@ def test_bad_options_are_refused():
             ),
             generator=torch.Generator(),
         )
+
+
+def test_summary_says_a_stated_epsilon_is_not_a_bound_and_gives_the_reason():
+    from reports.render import render_markdown
+
+    attack = {
+        "auc": 0.52,
+        "auc_ci": [0.5, 0.54],
+        "tpr_at_fpr": {"0.001": 0.001, "0.01": 0.01},
+        "epsilon_lb": 0.0,
+    }
+    results = {
+        "dataset": {"id": "mnist5k", "population": 5000},
+        "targets": [
+            {
+                "id": "screening-published-eps8",
+                "privacy": {
+                    "formal": False,
+                    "epsilon": 7.9989,
+                    "delta": 1e-5,
+                    "note": "counts accepted steps only",
+                },
+                "test_accuracy": 0.92,
+                "attacks": {"loss": attack},
+            },
+            {
+                "id": "screening-sound-eps8",
+                "privacy": {
+                    "formal": True,
+                    "epsilon": 7.9988,
+                    "delta": 1e-5,
+                    "accountant": "pld",
+                    "note": "x",
+                },
+                "test_accuracy": 0.93,
+                "attacks": {"loss": attack},
+            },
+        ],
+    }
+    md = render_markdown(results)
+    assert "| screening-published-eps8 | no formal guarantee (stated ε = 7.999, not a bound) |" in md
+    assert "| screening-sound-eps8 | ε = 7.999, δ = 1e-05 (pld) |" in md
+    assert "- screening-published-eps8: counts accepted steps only" in md
+    assert "- screening-sound-eps8" not in md  # formal runs need no caveat
