@@ -231,6 +231,8 @@ def student_t_gdp_mu(shift: float, df: float, grid: int = 400) -> float:
     at = edges[1:]
     lo = np.full(grid, 1e-12)
     hi = np.full(grid, 2.0 * top + 10.0)
+    if not (gaussian_delta(at, hi) >= need).all():  # pragma: no cover - the bracket must hold
+        raise ArithmeticError(f"no Gaussian-DP bound found for the Student-t shift {shift}")
     for _ in range(80):  # vectorised bisection; delta_G increases with mu
         mid = np.sqrt(lo * hi)
         ok = gaussian_delta(at, mid) >= need
@@ -264,7 +266,8 @@ def student_t_noise_multiplier(
     if len(u) == 0:
         return math.inf
     u = np.maximum(u, u.max() * floor_ratio)
-    k = np.ceil(np.log(u) / math.log(level_ratio) - 1e-9).astype(np.int64)
+    k = np.ceil(np.log(u) / math.log(level_ratio)).astype(np.int64)
+    k += (level_ratio ** k.astype(np.float64) < u).astype(np.int64)  # never round down (float error)
     levels, counts = np.unique(k, return_counts=True)
     total = sum(
         int(c) * _gdp_mu_at_level(int(level), level_ratio, float(df)) ** 2
