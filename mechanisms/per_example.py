@@ -92,6 +92,11 @@ def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
     return (clip_norm / (norms + NORM_EPS)).clamp(max=1.0)
 
 
+# Largest patch matrix (elements) the per-example conv rule builds; beyond it, the grouped
+# convolution backward (no patch matrix) is used.
+PATCH_LIMIT = 2**26
+
+
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -217,7 +222,7 @@ class _LayerRule:
             # the grouped convolution backward is kept for layers whose patch matrix would be
             # too large to hold.
             kh, kw = module.kernel_size
-            if g2.shape[0] * g2.shape[2] * kh * kw * a.shape[1] <= 2**26:
+            if g2.shape[0] * g2.shape[2] * kh * kw * a.shape[1] <= PATCH_LIMIT:
                 self._add("weight", self._conv_patches(module, a, g2))
             else:
                 self._add("weight", self._conv_grouped(module, a, g))
