@@ -32,6 +32,7 @@ __all__ = [
     "add_noise",
     "dpsgd_epoch",
     "dpsgd_gradient",
+    "dpsgd_step",
     "noisy_gradient",
     "plan_dpsgd",
     "refuse_batchnorm",
@@ -228,6 +229,35 @@ def dpsgd_gradient(config: DpSgdConfig, plan: DpSgdPlan, generator: torch.Genera
     return gradient
 
 
+def dpsgd_step(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    plan: DpSgdPlan,
+    gradient: GradientFn,
+    generator: torch.Generator,
+    at: tuple[int, int],
+) -> tuple[float, int]:
+    """One step: a Poisson lot, its privatised gradient, the optimizer and schedule steps.
+
+    ``params`` are the model's trainable parameters by name; ``at`` is (epoch, step) for the
+    non-finite-loss error. Returns the lot's summed (non-private) loss and its size.
+    """
+    lot = poisson_lot(len(y), plan.sample_rate, generator)
+    grads, loss_sum = gradient(model, x[lot], y[lot])
+    if len(lot):
+        check_finite(loss_sum, *at)
+    for name, g in grads.items():
+        params[name].grad = g
+    optimizer.step()
+    scheduler.step()
+    return loss_sum, len(lot)
+
+
 def dpsgd_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -252,16 +282,20 @@ def dpsgd_epoch(
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     total, count = 0.0, 0
     for step in range(1, plan.steps // config.epochs + 1):
-        lot = poisson_lot(len(y), plan.sample_rate, generator)
-        grads, loss_sum = gradient(model, x[lot], y[lot])
-        if len(lot):
-            check_finite(loss_sum, epoch, step)
-        for name, g in grads.items():
-            params[name].grad = g
-        optimizer.step()
-        scheduler.step()
+        loss_sum, size = dpsgd_step(
+            model,
+            params,
+            optimizer,
+            scheduler,
+            x,
+            y,
+            plan=plan,
+            gradient=gradient,
+            generator=generator,
+            at=(epoch, step),
+        )
         total += loss_sum
-        count += len(lot)
+        count += size
         if on_step is not None:
             on_step()
     return total / max(1, count)

@@ -38,10 +38,10 @@ from torch.nn import functional as F
 
 from .accounting import dpsgd_event, epsilon
 from .base import Mechanism, Privacy, TrainResult
-from .dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_gradient, plan_dpsgd, refuse_batchnorm
+from .dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_gradient, dpsgd_step, plan_dpsgd, refuse_batchnorm
 from .registry import register_mechanism
 from .sampling import poisson_lot, steps_per_epoch
-from .training import check_finite, make_optimizer, make_scheduler, progress_bar
+from .training import make_optimizer, make_scheduler, progress_bar
 
 __all__ = [
     "VARIANTS",
@@ -257,15 +257,19 @@ def train_screening(
             if not published:
                 test = poisson_lot(len(y), test_rate, generator)
                 before = _losses(model, x[test], y[test])
-            lot = poisson_lot(len(y), plan.sample_rate, generator)
-            grads, loss_sum = gradient(model, x[lot], y[lot])
-            if len(lot):
-                check_finite(loss_sum, epoch, step)
-            for name, g in grads.items():
-                params[name].grad = g
-            optimizer.step()
-            scheduler.step()
-            loss_total, loss_count = loss_total + loss_sum, loss_count + len(lot)
+            loss_sum, size = dpsgd_step(
+                model,
+                params,
+                optimizer,
+                scheduler,
+                x,
+                y,
+                plan=plan,
+                gradient=gradient,
+                generator=generator,
+                at=(epoch, step),
+            )
+            loss_total, loss_count = loss_total + loss_sum, loss_count + size
             if published:
                 candidate_loss = float(_losses(model, xv, yv).mean())  # read without noise, as published
                 delta_e = candidate_loss - accepted_loss
