@@ -165,7 +165,7 @@ def noisy_gradient(
     chunks of at most ``physical_batch_size`` examples. An empty lot yields pure noise.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    total: dict[str, torch.Tensor] = {}
     loss_sum = 0.0
     for start in range(0, len(y), physical_batch_size):
         part = clipped_grad_sum(
@@ -176,9 +176,14 @@ def noisy_gradient(
             engine=engine,
             workspace=workspace,
         )
-        for n, g in part.grads.items():
-            total[n] += g
+        for n, g in part.grads.items():  # fresh tensors (ClippedSum's contract): no copy
+            if n in total:
+                total[n] += g
+            else:
+                total[n] = g
         loss_sum += part.loss_sum
+    # parameter order fixes the order of the noise draws; an empty lot has no gradients
+    total = {n: total[n] if n in total else torch.zeros_like(p) for n, p in params.items()}
     add_noise(
         total,
         clip_norm=clip_norm,

@@ -20,6 +20,7 @@ from torch import nn
 __all__ = [
     "MODELS",
     "BasicBlock",
+    "MaxPool2d",
     "PerturbationSlot",
     "build_model",
     "model_names",
@@ -56,6 +57,25 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branch = self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(x)))))
         return torch.relu(self.perturb(self.shortcut(x), branch))
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` computed on a channels-last copy of its input; same values, faster.
+
+    On CPU, torch's max pooling of a contiguous NCHW tensor is several times slower than on
+    channels-last memory: for the cnn's 2x2/1 pooling of [256, 16, 13, 13] we measured 6.5 ms
+    against 0.9 ms (2 threads, torch 2.14), which made pooling most of a training step. The
+    output stays channels-last; every later layer accepts that. Inside ``torch.func``
+    transforms (which cannot change memory format) it falls back to plain pooling.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.device.type == "cpu":
+            try:
+                x = x.contiguous(memory_format=torch.channels_last)
+            except RuntimeError:  # functorch (vmap) tensors keep their layout
+                pass
+        return super().forward(x)
 
 
 def _groups(channels: int) -> int:
@@ -116,10 +136,10 @@ def cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
     features = nn.Sequential(
         nn.Conv2d(c, 16, 8, stride=2, padding=2),
         nn.Tanh(),
-        nn.MaxPool2d(2, 1),
+        MaxPool2d(2, 1),
         nn.Conv2d(16, 32, 4, stride=2),
         nn.Tanh(),
-        nn.MaxPool2d(2, 1),
+        MaxPool2d(2, 1),
         nn.Flatten(),
     )
     try:

@@ -53,6 +53,7 @@ class ClippedSum:
 
     ``grads`` maps parameter name -> tensor of the parameter's shape; ``norms`` are the
     per-example gradient norms before clipping, shape [B]; ``loss_sum`` is the summed loss.
+    The ``grads`` tensors are freshly allocated (never workspace views): callers may modify them.
     """
 
     grads: dict[str, torch.Tensor]
@@ -72,13 +73,24 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}
 
-    def get(self, key: tuple[int, str], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def get(
+        self, key: tuple[int, str], shape: tuple[int, ...], like: torch.Tensor, *, zeroed: bool = False
+    ) -> torch.Tensor:
+        """A view of shape ``shape`` of the buffer ``key``.
+
+        With ``zeroed`` the buffer is filled with zeros when it is (re)allocated only: callers
+        that write the same region on every call keep the rest at zero without refilling it.
+        """
         numel = 1
         for s in shape:
             numel *= s
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            # 25% headroom: Poisson lots vary in size, and growing by exactly the size asked
+            # for would reallocate (and page-fault through fresh memory) at every new largest
+            # lot; with headroom that happens once or twice in a run.
+            make = torch.zeros if zeroed else torch.empty
+            buf = make(numel + numel // 4, dtype=like.dtype, device=like.device)
             self._buffers[key] = buf
         return buf[:numel].view(shape)
 
@@ -92,9 +104,11 @@ def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
     return (clip_norm / (norms + NORM_EPS)).clamp(max=1.0)
 
 
-# Largest patch matrix (elements) the per-example conv rule builds; beyond it, the grouped
-# convolution backward (no patch matrix) is used.
-PATCH_LIMIT = 2**26
+# Largest patch matrix (elements) of one example that the per-example conv rule builds;
+# beyond it, the grouped convolution backward (no patch matrix) is used.
+PATCH_LIMIT = 2**24
+# Patch matrices are built and multiplied this many bytes of examples at a time.
+PATCH_CHUNK_BYTES = 2**21
 
 
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -172,9 +186,12 @@ class _LayerRule:
     ``g[i]`` only (no BatchNorm), which is what makes one backward pass enough.
     """
 
-    def __init__(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, ws: Workspace) -> None:
+    def __init__(
+        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, ws: Workspace, occurrence: int = 0
+    ) -> None:
         self.module = module
         self.ws = ws
+        self.occurrence = occurrence  # a module applied twice in a forward pass: 0, then 1
         self.parts: dict[str, torch.Tensor] = {}  # name -> per-example gradient [B, ...]
         self.linear: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sq = torch.zeros(a.shape[0], dtype=g.dtype, device=g.device)
@@ -196,8 +213,13 @@ class _LayerRule:
         # vector_norm needs no full-size temporary, unlike pow(2).sum()
         self.sq += torch.linalg.vector_norm(per_example.flatten(1), dim=1).square()
 
-    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        return self.ws.get((id(self.module), name), shape, like)
+    def _buffer(
+        self, name: str, shape: tuple[int, ...], like: torch.Tensor, *, zeroed: bool = False
+    ) -> torch.Tensor:
+        # Each application of a module has buffers of its own; a padded buffer is also keyed by
+        # its shape, so that its zero border never moves.
+        key = f"{name}#{self.occurrence}" + (f":{shape[1:]}" if zeroed else "")
+        return self.ws.get((id(self.module), key), shape, like, zeroed=zeroed)
 
     def _linear(self, module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> None:
         if a.dim() == 2:
@@ -215,14 +237,18 @@ class _LayerRule:
             self._add("bias", g3.sum(1))
 
     def _conv(self, module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> None:
-        g2 = g.flatten(2)  # [B, O, L]
+        b, o = g.shape[:2]
+        if g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
+            g2 = g.permute(0, 2, 3, 1).view(b, -1, o).transpose(1, 2)  # [B, O, L], no copy
+        else:
+            g2 = g.reshape(b, o, -1)
         if self._wants("weight"):
             # Patch matrices + batched GEMM are the faster route on CPU (measured on the cnn:
             # conv2 2.1 ms against 9.1 ms for the grouped backward, conv1 2.8 against 3.5);
             # the grouped convolution backward is kept for layers whose patch matrix would be
             # too large to hold.
             kh, kw = module.kernel_size
-            if g2.shape[0] * g2.shape[2] * kh * kw * a.shape[1] <= PATCH_LIMIT:
+            if g2.shape[2] * kh * kw * a.shape[1] <= PATCH_LIMIT:
                 self._add("weight", self._conv_patches(module, a, g2))
             else:
                 self._add("weight", self._conv_grouped(module, a, g))
@@ -237,17 +263,31 @@ class _LayerRule:
         """
         (kh, kw), (sh, sw) = module.kernel_size, module.stride
         (ph, pw), (dh, dw) = module.padding, module.dilation
-        b, c = a.shape[:2]
-        x = F.pad(a, (pw, pw, ph, ph)) if (ph or pw) else a
-        x = x.permute(0, 2, 3, 1).contiguous()
+        b, c, h, w = a.shape
+        x = a.permute(0, 2, 3, 1)  # a view when ``a`` is channels-last
+        if ph or pw:
+            # Zero padding: the border of this buffer is zero from its allocation and never
+            # written; only the interior is (one copy, which also does the layout change).
+            padded = self._buffer("padded", (b, h + 2 * ph, w + 2 * pw, c), a, zeroed=True)
+            padded[:, ph : ph + h, pw : pw + w, :].copy_(x)
+            x = padded
+        elif not x.is_contiguous():
+            x = x.contiguous()
         x = x.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)
         x = x[..., ::dh, ::dw].permute(0, 1, 2, 4, 5, 3)  # [B, Ho, Wo, kh, kw, C]
-        cols = self._buffer("cols", tuple(x.shape), a)
-        cols.copy_(x)
-        cols = cols.view(b, -1, kh * kw * c)
-        out = self._buffer("weight", (b, g2.shape[1], cols.shape[2]), a)
+        k = kh * kw * c
+        out = self._buffer("weight", (b, g2.shape[1], k), a)
+        # A chunk of examples at a time, so that a chunk's patches are still in cache when
+        # the GEMM reads them (measured 10% faster than the whole lot at once on conv1).
+        chunk = max(1, min(b, PATCH_CHUNK_BYTES // (x[0].numel() * a.element_size())))
+        cols = self._buffer("cols", (chunk, *x.shape[1:]), a)
+        for start in range(0, b, chunk):
+            stop = min(b, start + chunk)
+            part = cols[: stop - start]
+            part.copy_(x[start:stop])
+            torch.bmm(g2[start:stop], part.view(stop - start, -1, k), out=out[start:stop])
         self.conv_layout = "channels_last"
-        return torch.bmm(g2, cols, out=out)
+        return out
 
     def _conv_grouped(self, module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Per-example weight gradients as one grouped convolution backward (groups = B).
@@ -334,7 +374,11 @@ def _ghost_rules(
     finally:
         for h in handles:
             h.remove()
-    rules = [_LayerRule(m, a, g, workspace) for (m, a, _), g in zip(records, out_grads, strict=True)]
+    seen: dict[nn.Module, int] = {}
+    rules = []
+    for (m, a, _), g in zip(records, out_grads, strict=True):
+        rules.append(_LayerRule(m, a, g, workspace, seen.get(m, 0)))
+        seen[m] = seen.get(m, 0) + 1
     return rules, float(loss.detach())
 
 
@@ -353,13 +397,28 @@ def _ghost_clipped_sum(
 ) -> ClippedSum:
     names = {m: n for n, m in model.named_modules()}
     rules, loss = _ghost_rules(model, x, y, loss_fn, workspace)
-    norms = torch.stack([r.sq for r in rules]).sum(0).sqrt()
-    f = clip_factors(norms, clip_norm)
-    summed: dict[str, torch.Tensor] = {}
+    uses: dict[nn.Module, list[_LayerRule]] = {}
     for rule in rules:
-        prefix = names[rule.module]
-        for k, t in rule.finish(f).items():
-            _accumulate(summed, f"{prefix}.{k}" if prefix else k, t)
+        uses.setdefault(rule.module, []).append(rule)
+    # A module applied more than once (weight sharing): example i's gradient is the sum of its
+    # uses' contributions, so its norm comes from that sum, materialised, not from the uses'.
+    shared: dict[str, torch.Tensor] = {}
+    sq = [rs[0].sq for rs in uses.values() if len(rs) == 1]
+    for module, rs in uses.items():
+        if len(rs) > 1:
+            prefix = names[module]
+            for rule in rs:
+                for k, t in rule.per_example().items():
+                    _accumulate(shared, f"{prefix}.{k}" if prefix else k, t)
+    sq.extend(torch.linalg.vector_norm(t.flatten(1), dim=1).square() for t in shared.values())
+    norms = torch.stack(sq).sum(0).sqrt()
+    f = clip_factors(norms, clip_norm)
+    summed = {k: torch.einsum("b,b...->...", f, t) for k, t in shared.items()}
+    for module, rs in uses.items():
+        if len(rs) == 1:
+            prefix = names[module]
+            for k, t in rs[0].finish(f).items():
+                summed[f"{prefix}.{k}" if prefix else k] = t
     return ClippedSum(summed, norms, loss)
 
 

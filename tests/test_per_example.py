@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mechanisms.models import build_model
+from mechanisms.models import MaxPool2d, build_model
 from mechanisms.per_example import (
     NORM_EPS,
     Workspace,
@@ -145,13 +145,15 @@ def test_clipped_per_example_norms_bounded_on_real_gradients():
     assert float(clipped.norm(dim=1).max()) <= 0.01
 
 
-@pytest.mark.parametrize("limit", [0, 2**26])
+@pytest.mark.parametrize("limit, chunk_bytes", [(0, 2**21), (2**24, 2**21), (2**24, 1), (2**24, 180000)])
 @pytest.mark.parametrize("name, shape", [c for c in CASES if c[0] in ("cnn", "resnet8")])
-def test_both_conv_routes_equal_the_loop(monkeypatch, limit, name, shape):
-    """Patch GEMMs (default) and the grouped-backward fallback (limit 0) agree with the loop."""
+def test_both_conv_routes_equal_the_loop(monkeypatch, limit, chunk_bytes, name, shape):
+    """Patch GEMMs (whole lot, one example or a few at a time) and the grouped-backward
+    fallback (limit 0) agree with the loop."""
     import mechanisms.per_example as pe
 
     monkeypatch.setattr(pe, "PATCH_LIMIT", limit)
+    monkeypatch.setattr(pe, "PATCH_CHUNK_BYTES", chunk_bytes)
     model = _model(name, shape)
     x, y = torch.randn(5, *shape, dtype=torch.float64) * 3, torch.randint(0, 5, (5,))
     fast = pe.ghost_per_example_grads(model, x, y)
@@ -159,3 +161,78 @@ def test_both_conv_routes_equal_the_loop(monkeypatch, limit, name, shape):
     for n in fast:
         for i in range(5):
             torch.testing.assert_close(fast[n][i], slow[i][n], rtol=1e-10, atol=1e-12)
+
+
+class Shared(nn.Module):
+    """One conv and one linear layer each applied twice (weight sharing), padded both times."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.lin = nn.Linear(2, 2)
+        self.head = nn.Linear(2, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(torch.tanh(self.conv(x))))
+        return self.head(self.lin(torch.tanh(self.lin(h.mean((2, 3))))))
+
+
+@pytest.mark.parametrize("engine", ["ghost", "vmap"])
+def test_module_applied_twice_counts_both_uses(engine):
+    torch.manual_seed(0)
+    model = Shared().double()
+    x, y = torch.randn(6, 2, 7, 7, dtype=torch.float64) * 3, torch.randint(0, 5, (6,))
+    got = clipped_grad_sum(model, x, y, clip_norm=0.3, engine=engine, workspace=Workspace())
+    want, norms = _loop_clipped_sum(model, x, y, 0.3)
+    torch.testing.assert_close(got.norms, norms, rtol=1e-10, atol=1e-12)
+    for n in want:
+        torch.testing.assert_close(got.grads[n], want[n], rtol=1e-10, atol=1e-12)
+
+
+class ChannelsLast(nn.Module):
+    """Convolutions whose inputs and outputs are channels-last (padded and unpadded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, stride=2)
+        self.pool = MaxPool2d(2, 1)  # its backward hands c2 a channels-last gradient
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.c2(torch.tanh(self.c1(x))))
+        return self.head(self.pool(h).mean((2, 3)))
+
+
+def test_channels_last_activations_equal_the_loop():
+    """Channels-last layer inputs and output gradients take the conv rule's no-copy views."""
+    torch.manual_seed(0)
+    model = ChannelsLast().double()
+    x = torch.randn(5, 3, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 5, (5,))
+    seen = []
+
+    def spy(module, inputs, output):
+        output.register_hook(seen.append)
+
+    model.c2.register_forward_hook(spy)
+    got = clipped_grad_sum(model, x * 3, y, clip_norm=0.2, engine="ghost", workspace=Workspace())
+    cl = torch.channels_last
+    assert seen[0].is_contiguous(memory_format=cl) and not seen[0].is_contiguous()
+    want, norms = _loop_clipped_sum(model, x * 3, y, 0.2)
+    torch.testing.assert_close(got.norms, norms, rtol=1e-10, atol=1e-12)
+    for n in want:
+        torch.testing.assert_close(got.grads[n], want[n], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, shape", CASES)
+def test_clipped_sums_are_fresh_tensors(name, shape):
+    """A result survives later calls with the same workspace (callers add noise in place)."""
+    model = _model(name, shape)
+    ws = Workspace()
+    x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 5, (6,))
+    first = clipped_grad_sum(model, x, y, clip_norm=0.5, engine="ghost", workspace=ws)
+    kept = {n: g.clone() for n, g in first.grads.items()}
+    clipped_grad_sum(model, -x, y, clip_norm=0.5, engine="ghost", workspace=ws)
+    for n, g in first.grads.items():
+        assert torch.equal(g, kept[n]), n
