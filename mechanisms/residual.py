@@ -77,20 +77,21 @@ class NoisySlot(PerturbationSlot):
         self.strategy, self.gamma, self.perturb_at_eval = strategy, gamma, perturb_at_eval
         self.generator = generator
 
-    def _normal(self, like: torch.Tensor, std: float = 1.0) -> torch.Tensor:
-        return torch.empty_like(like).normal_(0.0, std, generator=self.generator)
+    def _normal(self, like: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+        return torch.empty_like(like).normal_(mean, std, generator=self.generator)
 
     def forward(self, shortcut: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        y = shortcut + branch
         if self.gamma == 0 or (not self.training and not self.perturb_at_eval):
-            return y
-        # in place on the fresh sum: no temporaries beyond the noise itself (the noise draw is
-        # most of this mechanism's cost over plain SGD)
-        if self.strategy == "1":  # y + gamma * x * xi
-            return y.addcmul_(shortcut, self._normal(shortcut), value=self.gamma)
-        if self.strategy == "2":  # y + gamma * xi, xi drawn with std gamma directly
-            return y.add_(self._normal(shortcut, self.gamma))
-        return y.addcmul_(branch, self._normal(branch), value=self.gamma)  # shortcut + branch (1 + gamma xi)
+            return shortcut + branch
+        # The noise draw is most of this mechanism's cost over plain SGD, so each strategy is
+        # one draw and one fused operation; the multiplicative ones draw m = 1 + gamma xi
+        # directly as N(1, gamma^2), and their backward is a single product with m.
+        if self.strategy == "1":  # shortcut + branch + gamma * x * xi = branch + x * m
+            return torch.addcmul(branch, shortcut, self._normal(shortcut, 1.0, self.gamma))
+        if self.strategy == "2":  # shortcut + branch + gamma * xi, xi drawn with std gamma
+            return (shortcut + branch).add_(self._normal(shortcut, 0.0, self.gamma))
+        # branch: shortcut + branch * (1 + gamma xi) = shortcut + branch * m
+        return torch.addcmul(shortcut, branch, self._normal(branch, 1.0, self.gamma))
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy}, gamma={self.gamma}, perturb_at_eval={self.perturb_at_eval}"
