@@ -49,6 +49,28 @@ def test_noise_statistics_per_strategy():
     assert abs(float(zb.std()) - 1) < 5 / np.sqrt(2 * n)
 
 
+@pytest.mark.parametrize("strategy, gamma", [("1", 0.2), ("2", 0.3), ("branch", 0.25)])
+def test_noise_scale_in_every_block_of_the_network(strategy, gamma):
+    """Inside resnet8, each block's join gets noise of the stated scale (per block)."""
+    _, model = _pair(strategy, gamma)
+    seen = []
+    for block in residual_blocks(model):
+        block.perturb.register_forward_hook(lambda m, inp, out: seen.append((*inp, out)))
+    with torch.no_grad():
+        model(torch.rand(64, 1, 12, 12))
+    assert len(seen) == 3
+    for shortcut, branch, out in seen:
+        d = (out - shortcut - branch).double()
+        scale = {"1": gamma * shortcut, "2": torch.full_like(shortcut, gamma), "branch": gamma * branch}
+        s = scale[strategy].double()
+        keep = s.abs() > 1e-2  # a zero input carries no multiplicative noise
+        z = d[keep] / s[keep]
+        n = z.numel()
+        assert n > 2000
+        assert abs(float(z.std()) - 1) < 5 / np.sqrt(2 * n), float(z.std())
+        assert abs(float(z.mean())) < 5 / np.sqrt(n)
+
+
 def test_noise_is_independent_per_example_and_pass():
     slot = _slot("2", 1.0)
     s, b = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
