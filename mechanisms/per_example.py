@@ -278,7 +278,7 @@ class _LayerRule:
         k = kh * kw * c
         out = self._buffer("weight", (b, g2.shape[1], k), a)
         # A chunk of examples at a time, so that a chunk's patches are still in cache when
-        # the GEMM reads them (measured 10% faster than the whole lot at once on conv1).
+        # the GEMM reads them (a DP-SGD epoch of the cnn measured 6% faster than whole lots).
         chunk = max(1, min(b, PATCH_CHUNK_BYTES // (x[0].numel() * a.element_size())))
         cols = self._buffer("cols", (chunk, *x.shape[1:]), a)
         for start in range(0, b, chunk):
