@@ -1,0 +1,131 @@
+"""Where DP-SGD's time goes: ablations of the per-example convolution work, side by side.
+
+Same setting as ``bench/dpsgd_overhead.py`` (tanh ``cnn``, the 2,500 member examples of
+mnist5k, batch 256). Besides ``sgd`` and ``dpsgd`` it times three deliberately *wrong*
+variants of our DP-SGD, to attribute the overhead: the per-example weight gradients of the
+convolutions skipped altogether (left at zero), their patch copies skipped (the GEMMs run on
+stale patches), or their GEMMs skipped (patches built, nothing multiplied). Everything else
+(forward, backward to the layers' outputs, norms, clipping, noise, Poisson lots, optimizer)
+is unchanged. Interleaved rounds, medians; timings only, never used for training.
+
+    python bench/dpsgd_breakdown.py [--rounds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import mechanisms.per_example as pe
+from audit.data import load_dataset
+from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_epoch, dpsgd_gradient
+from mechanisms.models import build_model
+from mechanisms.sgd import sgd_epoch
+from mechanisms.training import make_optimizer, make_scheduler
+
+ORIGINAL = pe._LayerRule._conv_patches
+
+
+def _ablated(copy: bool, gemm: bool):
+    """``_LayerRule._conv_patches`` with its patch copy and/or GEMM left out (timing only)."""
+
+    def conv_patches(self, module, a, g2):
+        (kh, kw), (sh, sw) = module.kernel_size, module.stride
+        (ph, pw), (dh, dw) = module.padding, module.dilation
+        b, c, h, w = a.shape
+        x = a.permute(0, 2, 3, 1)
+        if ph or pw:
+            padded = self._buffer("padded", (b, h + 2 * ph, w + 2 * pw, c), a, zeroed=True)
+            padded[:, ph : ph + h, pw : pw + w, :].copy_(x)
+            x = padded
+        elif not x.is_contiguous():
+            x = x.contiguous()
+        x = x.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)
+        x = x[..., ::dh, ::dw].permute(0, 1, 2, 4, 5, 3)
+        k = kh * kw * c
+        out = self._buffer("weight", (b, g2.shape[1], k), a)
+        if not (copy or gemm):
+            out.zero_()
+        chunk = max(1, min(b, pe.PATCH_CHUNK_BYTES // (x[0].numel() * a.element_size())))
+        cols = self._buffer("cols", (chunk, *x.shape[1:]), a)
+        for start in range(0, b, chunk):
+            stop = min(b, start + chunk)
+            part = cols[: stop - start]
+            if copy:
+                part.copy_(x[start:stop])
+            if gemm:
+                torch.bmm(g2[start:stop], part.view(stop - start, -1, k), out=out[start:stop])
+        self.conv_layout = "channels_last"
+        return out
+
+    return conv_patches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset("mnist5k")
+    keep = np.zeros(data.population, dtype=bool)
+    keep[np.random.default_rng(0).permutation(data.population)[: data.population // 2]] = True
+    x, y = data.x[torch.from_numpy(keep)], data.y[torch.from_numpy(keep)]
+    n, b = len(y), args.batch_size
+    config = DpSgdConfig(noise_multiplier=1.0, clip_norm=1.0, batch_size=b, epochs=1, lr=0.05)
+    plan = DpSgdPlan(b / n, round(n / b), 1.0, float(b))
+
+    def fresh():
+        model = build_model("cnn", data.input_shape, 10, seed=0)
+        opt = make_optimizer(model, config)
+        return model, opt, make_scheduler(opt, config, 10**6)
+
+    runners = {}
+    m, o, s = fresh()
+    g = torch.Generator().manual_seed(0)
+    runners["sgd"] = lambda: sgd_epoch(m, o, s, x, y, batch_size=b, generator=g)
+    variants = {
+        "dpsgd": ORIGINAL,
+        "dpsgd, no conv per-example work": _ablated(copy=False, gemm=False),
+        "dpsgd, no patch copies": _ablated(copy=False, gemm=True),
+        "dpsgd, no per-example GEMMs": _ablated(copy=True, gemm=False),
+    }
+    for name, rule in variants.items():
+        m2, o2, s2 = fresh()
+        g2 = torch.Generator().manual_seed(0)
+        gradient = dpsgd_gradient(config, plan, g2)
+
+        def run(m2=m2, o2=o2, s2=s2, g2=g2, gradient=gradient, rule=rule):
+            pe._LayerRule._conv_patches = rule
+            try:
+                dpsgd_epoch(m2, o2, s2, x, y, plan=plan, config=config, generator=g2, gradient=gradient)
+            finally:
+                pe._LayerRule._conv_patches = ORIGINAL
+
+        runners[name] = run
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for fn in runners.values():  # warm-up
+        fn()
+    for _ in range(args.rounds):
+        for name, fn in runners.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    steps = plan.steps
+    print(
+        f"cnn on mnist5k members (n={n}), batch {b}, {args.threads} threads, median of {args.rounds} rounds"
+    )
+    print(f"{'variant':34s} {'s/epoch':>8s} {'x sgd':>6s} {'ms/step saved':>14s}")
+    for k, v in med.items():
+        saved = (med["dpsgd"] - v) / steps * 1e3 if k.startswith("dpsgd,") else float("nan")
+        print(f"{k:34s} {v:8.3f} {v / med['sgd']:6.2f} {saved:14.1f}")
+
+
+if __name__ == "__main__":
+    main()
