@@ -14,14 +14,11 @@ is unchanged. Interleaved rounds, medians; timings only, never used for training
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
-import numpy as np
 import torch
+from _common import interleaved_medians, mnist5k_members
 
 import mechanisms.per_example as pe
-from audit.data import load_dataset
 from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_epoch, dpsgd_gradient
 from mechanisms.models import build_model
 from mechanisms.sgd import sgd_epoch
@@ -34,19 +31,8 @@ def _ablated(copy: bool, gemm: bool):
     """``_LayerRule._conv_patches`` with its patch copy and/or GEMM left out (timing only)."""
 
     def conv_patches(self, module, a, g2):
-        (kh, kw), (sh, sw) = module.kernel_size, module.stride
-        (ph, pw), (dh, dw) = module.padding, module.dilation
-        b, c, h, w = a.shape
-        x = a.permute(0, 2, 3, 1)
-        if ph or pw:
-            padded = self._buffer("padded", (b, h + 2 * ph, w + 2 * pw, c), a, zeroed=True)
-            padded[:, ph : ph + h, pw : pw + w, :].copy_(x)
-            x = padded
-        elif not x.is_contiguous():
-            x = x.contiguous()
-        x = x.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)
-        x = x[..., ::dh, ::dw].permute(0, 1, 2, 4, 5, 3)
-        k = kh * kw * c
+        x = self._patch_view(module, a)
+        b, k = x.shape[0], x[0, 0, 0].numel()
         out = self._buffer("weight", (b, g2.shape[1], k), a)
         if not (copy or gemm):
             out.zero_()
@@ -54,11 +40,11 @@ def _ablated(copy: bool, gemm: bool):
         cols = self._buffer("cols", (chunk, *x.shape[1:]), a)
         for start in range(0, b, chunk):
             stop = min(b, start + chunk)
-            part = cols[: stop - start]
             if copy:
-                part.copy_(x[start:stop])
+                cols[: stop - start].copy_(x[start:stop])
             if gemm:
-                torch.bmm(g2[start:stop], part.view(stop - start, -1, k), out=out[start:stop])
+                patches = cols[: stop - start].view(stop - start, -1, k)
+                torch.bmm(g2[start:stop], patches, out=out[start:stop])
         self.conv_layout = "channels_last"
         return out
 
@@ -72,16 +58,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = load_dataset("mnist5k")
-    keep = np.zeros(data.population, dtype=bool)
-    keep[np.random.default_rng(0).permutation(data.population)[: data.population // 2]] = True
-    x, y = data.x[torch.from_numpy(keep)], data.y[torch.from_numpy(keep)]
+    x, y, shape = mnist5k_members()
     n, b = len(y), args.batch_size
     config = DpSgdConfig(noise_multiplier=1.0, clip_norm=1.0, batch_size=b, epochs=1, lr=0.05)
     plan = DpSgdPlan(b / n, round(n / b), 1.0, float(b))
 
     def fresh():
-        model = build_model("cnn", data.input_shape, 10, seed=0)
+        model = build_model("cnn", shape, 10, seed=0)
         opt = make_optimizer(model, config)
         return model, opt, make_scheduler(opt, config, 10**6)
 
@@ -108,15 +91,7 @@ def main() -> None:
                 pe._LayerRule._conv_patches = ORIGINAL
 
         runners[name] = run
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for fn in runners.values():  # warm-up
-        fn()
-    for _ in range(args.rounds):
-        for name, fn in runners.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, _ = interleaved_medians(runners, args.rounds)
     steps = plan.steps
     print(
         f"cnn on mnist5k members (n={n}), batch {b}, {args.threads} threads, median of {args.rounds} rounds"

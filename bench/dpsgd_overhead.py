@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import interleaved_medians, mnist5k_members
 
-from audit.data import load_dataset
 from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_epoch
 from mechanisms.models import build_model
 from mechanisms.sgd import sgd_epoch
@@ -41,16 +38,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "dpsgd_overhead.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = load_dataset("mnist5k")
-    keep = np.zeros(data.population, dtype=bool)
-    keep[np.random.default_rng(0).permutation(data.population)[: data.population // 2]] = True
-    x, y = data.x[torch.from_numpy(keep)], data.y[torch.from_numpy(keep)]
+    x, y, shape = mnist5k_members()
     n, b = len(y), args.batch_size
     config = DpSgdConfig(noise_multiplier=SIGMA, clip_norm=CLIP, batch_size=b, epochs=1, lr=0.05)
     plan = DpSgdPlan(b / n, round(n / b), SIGMA, float(b))
 
     def fresh():
-        model = build_model("cnn", data.input_shape, 10, seed=0)
+        model = build_model("cnn", shape, 10, seed=0)
         opt = make_optimizer(model, config)
         return model, opt, make_scheduler(opt, config, 10**6)
 
@@ -66,17 +60,9 @@ def main() -> None:
             m, o, s, x, y, plan=plan, config=cfg, generator=g
         )
     if not args.no_opacus:
-        runners.update(_opacus_runners(x, y, b, data.input_shape))
+        runners.update(_opacus_runners(x, y, b, shape))
 
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for fn in runners.values():  # warm-up round, not timed
-        fn()
-    for _ in range(args.rounds):
-        for name, fn in runners.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, times = interleaved_medians(runners, args.rounds)
     base = med["sgd"]
     print(
         f"per-epoch time, cnn on mnist5k members (n={n}), batch {b}, {args.threads} threads, "

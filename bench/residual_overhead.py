@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from _common import interleaved_medians
 
 from audit.data import load_dataset
 from mechanisms import TrainConfig
@@ -54,15 +53,7 @@ def main() -> None:
         runners[name] = lambda m=model, o=opt, s=sched, g=gen: sgd_epoch(
             m, o, s, x, y, batch_size=args.batch_size, generator=g
         )
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for fn in runners.values():
-        fn()
-    for _ in range(args.rounds):
-        for name, fn in runners.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, times = interleaved_medians(runners, args.rounds)
     print(
         f"per-epoch time, resnet8 on 2,500 mnist5k examples, batch {args.batch_size}, "
         f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds"

@@ -1,0 +1,39 @@
+"""Shared pieces of the timing benchmarks (run as ``python bench/NAME.py``; not a test)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from audit.data import load_dataset
+
+__all__ = ["interleaved_medians", "mnist5k_members"]
+
+
+def mnist5k_members() -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """The member half of mnist5k (2,500 examples, seed 0) and the input shape."""
+    data = load_dataset("mnist5k")
+    keep = np.zeros(data.population, dtype=bool)
+    keep[np.random.default_rng(0).permutation(data.population)[: data.population // 2]] = True
+    mask = torch.from_numpy(keep)
+    return data.x[mask], data.y[mask], tuple(data.input_shape)
+
+
+def interleaved_medians(
+    runners: dict[str, Callable[[], object]], rounds: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Seconds per call of every runner: one untimed warm-up call each, then ``rounds`` rounds
+    that call every runner in turn (machine noise hits them alike); medians and all times."""
+    for fn in runners.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}, times
