@@ -93,6 +93,7 @@ def test_vmap_per_example_grads_equal_loop(name, shape):
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 5, (6,))
     fast = per_example_grads(model, x, y)
     slow = _loop_grads(model, x, y)
+    assert set(fast) == set(slow[0])
     for n in fast:
         for i in range(6):
             torch.testing.assert_close(fast[n][i], slow[i][n], rtol=1e-10, atol=1e-12)
@@ -158,6 +159,7 @@ def test_both_conv_routes_equal_the_loop(monkeypatch, limit, chunk_bytes, name, 
     x, y = torch.randn(5, *shape, dtype=torch.float64) * 3, torch.randint(0, 5, (5,))
     fast = pe.ghost_per_example_grads(model, x, y)
     slow = _loop_grads(model, x, y)
+    assert set(fast) == set(slow[0])
     for n in fast:
         for i in range(5):
             torch.testing.assert_close(fast[n][i], slow[i][n], rtol=1e-10, atol=1e-12)
