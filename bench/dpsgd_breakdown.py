@@ -33,7 +33,7 @@ def _ablated(copy: bool, gemm: bool):
     def conv_patches(self, module, a, g2):
         x = self._patch_view(module, a)
         b, k = x.shape[0], x[0, 0, 0].numel()
-        out = self._buffer("weight", (b, g2.shape[1], k), a)
+        out = self._buffer("weight", (b, k, g2.shape[1]), a)
         if not (copy or gemm):
             out.zero_()
         chunk = max(1, min(b, pe.PATCH_CHUNK_BYTES // (x[0].numel() * a.element_size())))
@@ -44,8 +44,8 @@ def _ablated(copy: bool, gemm: bool):
                 cols[: stop - start].copy_(x[start:stop])
             if gemm:
                 patches = cols[: stop - start].view(stop - start, -1, k)
-                torch.bmm(g2[start:stop], patches, out=out[start:stop])
-        self.conv_layout = "channels_last"
+                torch.bmm(patches.transpose(1, 2), g2[start:stop].transpose(1, 2), out=out[start:stop])
+        self.conv_layout = "patches_by_output"
         return out
 
     return conv_patches
