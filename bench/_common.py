@@ -10,8 +10,11 @@ import numpy as np
 import torch
 
 from audit.data import load_dataset
+from mechanisms import TrainConfig
+from mechanisms.models import build_model
+from mechanisms.training import make_optimizer, make_scheduler
 
-__all__ = ["interleaved_medians", "mnist5k_members"]
+__all__ = ["fresh_cnn", "interleaved_medians", "mnist5k_members"]
 
 
 def mnist5k_members() -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -21,6 +24,13 @@ def mnist5k_members() -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
     keep[np.random.default_rng(0).permutation(data.population)[: data.population // 2]] = True
     mask = torch.from_numpy(keep)
     return data.x[mask], data.y[mask], tuple(data.input_shape)
+
+
+def fresh_cnn(shape: tuple[int, ...], config: TrainConfig):
+    """A seed-0 ``cnn`` with its optimizer and a schedule that never ends: (model, opt, sched)."""
+    model = build_model("cnn", shape, 10, seed=0)
+    opt = make_optimizer(model, config)
+    return model, opt, make_scheduler(opt, config, 10**6)
 
 
 def interleaved_medians(

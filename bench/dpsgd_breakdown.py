@@ -16,35 +16,38 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import interleaved_medians, mnist5k_members
+from _common import fresh_cnn, interleaved_medians, mnist5k_members
 
 import mechanisms.per_example as pe
 from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_epoch, dpsgd_gradient
-from mechanisms.models import build_model
 from mechanisms.sgd import sgd_epoch
-from mechanisms.training import make_optimizer, make_scheduler
 
-ORIGINAL = pe._LayerRule._conv_patches
+RULE = pe._LayerRule
+ORIGINAL = {"_conv_patches": RULE._conv_patches, "_patch_chunks": RULE._patch_chunks}
 
 
-def _ablated(copy: bool, gemm: bool):
-    """``_LayerRule._conv_patches`` with its patch copy and/or GEMM left out (timing only)."""
+_ZEROED: set[tuple[int, int]] = set()
+
+
+def _unfilled_chunks(self, module, a):
+    """Patch chunks whose buffers are not filled (zeroed once, so the GEMMs run on finite
+    stale patches)."""
+    for start, stop, patches in ORIGINAL["_patch_chunks"](self, module, a, fill=False):
+        if (patches.data_ptr(), patches.numel()) not in _ZEROED:
+            patches.zero_()
+            _ZEROED.add((patches.data_ptr(), patches.numel()))
+        yield start, stop, patches
+
+
+def _no_gemm(fill: bool):
+    """A conv rule that builds the patches (or not) but multiplies nothing: zero gradients."""
 
     def conv_patches(self, module, a, g2):
-        x = self._patch_view(module, a)
-        b, k = x.shape[0], x[0, 0, 0].numel()
-        out = self._buffer("weight", (b, k, g2.shape[1]), a)
-        if not (copy or gemm):
-            out.zero_()
-        chunk = max(1, min(b, pe.PATCH_CHUNK_BYTES // (x[0].numel() * a.element_size())))
-        cols = self._buffer("cols", (chunk, *x.shape[1:]), a)
-        for start in range(0, b, chunk):
-            stop = min(b, start + chunk)
-            if copy:
-                cols[: stop - start].copy_(x[start:stop])
-            if gemm:
-                patches = cols[: stop - start].view(stop - start, -1, k)
-                torch.bmm(patches.transpose(1, 2), g2[start:stop].transpose(1, 2), out=out[start:stop])
+        kh, kw = module.kernel_size
+        out = self._buffer("weight", (a.shape[0], kh * kw * a.shape[1], g2.shape[1]), a)
+        for _ in ORIGINAL["_patch_chunks"](self, module, a, fill=fill):
+            pass
+        out.zero_()
         self.conv_layout = "patches_by_output"
         return out
 
@@ -63,32 +66,29 @@ def main() -> None:
     config = DpSgdConfig(noise_multiplier=1.0, clip_norm=1.0, batch_size=b, epochs=1, lr=0.05)
     plan = DpSgdPlan(b / n, round(n / b), 1.0, float(b))
 
-    def fresh():
-        model = build_model("cnn", shape, 10, seed=0)
-        opt = make_optimizer(model, config)
-        return model, opt, make_scheduler(opt, config, 10**6)
-
     runners = {}
-    m, o, s = fresh()
+    m, o, s = fresh_cnn(shape, config)
     g = torch.Generator().manual_seed(0)
     runners["sgd"] = lambda: sgd_epoch(m, o, s, x, y, batch_size=b, generator=g)
-    variants = {
-        "dpsgd": ORIGINAL,
-        "dpsgd, no conv per-example work": _ablated(copy=False, gemm=False),
-        "dpsgd, no patch copies": _ablated(copy=False, gemm=True),
-        "dpsgd, no per-example GEMMs": _ablated(copy=True, gemm=False),
+    variants = {  # _LayerRule methods replaced in each variant
+        "dpsgd": {},
+        "dpsgd, no conv per-example work": {"_conv_patches": _no_gemm(fill=False)},
+        "dpsgd, no patch copies": {"_patch_chunks": _unfilled_chunks},
+        "dpsgd, no per-example GEMMs": {"_conv_patches": _no_gemm(fill=True)},
     }
-    for name, rule in variants.items():
-        m2, o2, s2 = fresh()
+    for name, replaced in variants.items():
+        m2, o2, s2 = fresh_cnn(shape, config)
         g2 = torch.Generator().manual_seed(0)
         gradient = dpsgd_gradient(config, plan, g2)
 
-        def run(m2=m2, o2=o2, s2=s2, g2=g2, gradient=gradient, rule=rule):
-            pe._LayerRule._conv_patches = rule
+        def run(m2=m2, o2=o2, s2=s2, g2=g2, gradient=gradient, replaced=replaced):
+            for attr, fn in replaced.items():
+                setattr(RULE, attr, fn)
             try:
                 dpsgd_epoch(m2, o2, s2, x, y, plan=plan, config=config, generator=g2, gradient=gradient)
             finally:
-                pe._LayerRule._conv_patches = ORIGINAL
+                for attr, fn in ORIGINAL.items():
+                    setattr(RULE, attr, fn)
 
         runners[name] = run
     med, _ = interleaved_medians(runners, args.rounds)

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import interleaved_medians, mnist5k_members
+from _common import fresh_cnn, interleaved_medians, mnist5k_members
 
 from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_epoch
 from mechanisms.models import build_model
 from mechanisms.sgd import sgd_epoch
-from mechanisms.training import make_optimizer, make_scheduler
 
 SIGMA, CLIP = 1.0, 1.0
 
@@ -43,17 +42,12 @@ def main() -> None:
     config = DpSgdConfig(noise_multiplier=SIGMA, clip_norm=CLIP, batch_size=b, epochs=1, lr=0.05)
     plan = DpSgdPlan(b / n, round(n / b), SIGMA, float(b))
 
-    def fresh():
-        model = build_model("cnn", shape, 10, seed=0)
-        opt = make_optimizer(model, config)
-        return model, opt, make_scheduler(opt, config, 10**6)
-
     runners = {}
-    m_sgd, o_sgd, s_sgd = fresh()
+    m_sgd, o_sgd, s_sgd = fresh_cnn(shape, config)
     g_sgd = torch.Generator().manual_seed(0)
     runners["sgd"] = lambda: sgd_epoch(m_sgd, o_sgd, s_sgd, x, y, batch_size=b, generator=g_sgd)
     for engine in ("ghost", "vmap"):
-        m, o, s = fresh()
+        m, o, s = fresh_cnn(shape, config)
         g = torch.Generator().manual_seed(0)
         cfg = DpSgdConfig(noise_multiplier=SIGMA, clip_norm=CLIP, batch_size=b, epochs=1, engine=engine)
         runners[f"dpsgd ({engine})"] = lambda m=m, o=o, s=s, g=g, cfg=cfg: dpsgd_epoch(
