@@ -146,15 +146,17 @@ def test_clipped_per_example_norms_bounded_on_real_gradients():
     assert float(clipped.norm(dim=1).max()) <= 0.01
 
 
+@pytest.mark.parametrize("shifted", [0, 32])
 @pytest.mark.parametrize("limit, chunk_bytes", [(0, 2**21), (2**24, 2**21), (2**24, 1), (2**24, 180000)])
 @pytest.mark.parametrize("name, shape", [c for c in CASES if c[0] in ("cnn", "resnet8")])
-def test_both_conv_routes_equal_the_loop(monkeypatch, limit, chunk_bytes, name, shape):
-    """Patch GEMMs (whole lot, one example or a few at a time) and the grouped-backward
-    fallback (limit 0) agree with the loop."""
+def test_every_conv_route_equals_the_loop(monkeypatch, shifted, limit, chunk_bytes, name, shape):
+    """Patch GEMMs (whole lot, one example or a few at a time; shifted-window patches for
+    narrow inputs or not) and the grouped-backward fallback (limit 0) agree with the loop."""
     import mechanisms.per_example as pe
 
     monkeypatch.setattr(pe, "PATCH_LIMIT", limit)
     monkeypatch.setattr(pe, "PATCH_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(pe, "SHIFTED_MAX_RUN", shifted)
     model = _model(name, shape)
     x, y = torch.randn(5, *shape, dtype=torch.float64) * 3, torch.randint(0, 5, (5,))
     fast = pe.ghost_per_example_grads(model, x, y)
@@ -238,3 +240,58 @@ def test_clipped_sums_are_fresh_tensors(name, shape):
     clipped_grad_sum(model, -x, y, clip_norm=0.5, engine="ghost", workspace=ws)
     for n, g in first.grads.items():
         assert torch.equal(g, kept[n]), n
+
+
+class Shifted(nn.Module):
+    """Narrow convolutions for the shifted-window route: strides 1-3, kernels smaller than,
+    equal to and not a multiple of the stride, rectangular kernels, uneven padding, and a
+    channels-last output gradient (after the pooling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(1, 3, 8, stride=2, padding=2),
+                nn.Conv2d(3, 2, (4, 3), stride=(3, 2), padding=(2, 0)),
+                nn.Conv2d(2, 4, 1, stride=2, bias=False),
+                nn.Conv2d(4, 3, (2, 5), stride=(1, 3), padding=(0, 1)),
+            ]
+        )
+        self.pool = MaxPool2d(2, 1)
+        self.head = nn.Linear(3, 5)
+
+    def forward(self, x):
+        a, b, c, d = self.convs
+        h = torch.tanh(c(torch.tanh(b(torch.tanh(a(x))))))
+        return self.head(torch.tanh(d(self.pool(h))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 9000, 2**21])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_shifted_window_patches_equal_the_loop(monkeypatch, chunk_bytes, channels_last):
+    import mechanisms.per_example as pe
+
+    monkeypatch.setattr(pe, "PATCH_CHUNK_BYTES", chunk_bytes)
+    calls = []
+    original = pe._LayerRule._conv_shifted
+
+    def spy(self, module, a, g):
+        calls.append(g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous())
+        return original(self, module, a, g)
+
+    monkeypatch.setattr(pe._LayerRule, "_conv_shifted", spy)
+    torch.manual_seed(0)
+    model = Shifted().double()
+    x = torch.randn(5, 1, 47, 40, dtype=torch.float64) * 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 5, (5,))
+    ws = Workspace()
+    pe.ghost_per_example_grads(model, x[:2] * 2, y[:2], workspace=ws)  # reuse of the workspace
+    fast = pe.ghost_per_example_grads(model, x, y, workspace=ws)
+    slow = _loop_grads(model, x, y)
+    assert len(calls) == 8 and any(calls) and not all(calls), calls  # both gradient layouts
+    assert set(fast) == set(slow[0])
+    for n in fast:
+        for i in range(5):
+            torch.testing.assert_close(fast[n][i], slow[i][n], rtol=1e-10, atol=1e-12)
