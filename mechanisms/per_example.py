@@ -330,9 +330,34 @@ class _LayerRule:
         finite) and whose output gradients are zero, so they add nothing to the product.
         Same result as ``_conv_patches``, layout [B, kh, kw, C, O].
         """
+        b, o, ho, wo = g.shape
+        wq = -(-(a.shape[3] + 2 * module.padding[1]) // module.stride[1])
+        lp = ho * wq
+        # Output gradients on the Ho x wq grid; the extra columns stay zero.
+        if g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
+            grid = self._buffer("grid", (b, ho, wq, o), g, zeroed=True)
+            grid[:, :, :wo].copy_(g.permute(0, 2, 3, 1))
+            rhs = grid.view(b, lp, o)
+        else:
+            grid = self._buffer("grid", (b, o, ho, wq), g, zeroed=True)
+            grid[:, :, :, :wo].copy_(g)
+            rhs = grid.view(b, o, lp).transpose(1, 2)
+        kh, kw = module.kernel_size
+        out = self._buffer("weight", (b, kh * kw * a.shape[1], o), a)
+        for start, stop, patches in self._shifted_chunks(module, a, ho):
+            torch.bmm(patches, rhs[start:stop], out=out[start:stop])
+        self.conv_layout = "patches_by_output"
+        return out
+
+    def _shifted_chunks(
+        self, module: nn.Conv2d, a: torch.Tensor, ho: int, fill: bool = True
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Shifted-window patch matrices [c, kh*kw*C, Ho*wq] of consecutive chunks of examples.
+
+        Like :meth:`_patch_chunks` (``fill=False`` only for timing ablations).
+        """
         (kh, kw), (sh, sw), (ph, pw) = module.kernel_size, module.stride, module.padding
         b, c, h, w = a.shape
-        o, ho, wo = g.shape[1:]
         hq, wq = -(-(h + 2 * ph) // sh), -(-(w + 2 * pw) // sw)
         plane, lp, k = hq * wq, ho * wq, kh * kw * c
         # Planes of every example, plus one spare block that the last runs may read past the
@@ -346,16 +371,6 @@ class _LayerRule:
                 x0 = sw * u0 + q - pw
                 src = a[:, :, y0::sh, x0::sw]
                 planes[:b, p, q, :, r0 : r0 + src.shape[2], u0 : u0 + src.shape[3]].copy_(src)
-        # Output gradients on the Ho x wq grid; the extra columns stay zero.
-        if g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
-            grid = self._buffer("grid", (b, ho, wq, o), g, zeroed=True)
-            grid[:, :, :wo].copy_(g.permute(0, 2, 3, 1))
-            rhs = grid.view(b, lp, o)
-        else:
-            grid = self._buffer("grid", (b, o, ho, wq), g, zeroed=True)
-            grid[:, :, :, :wo].copy_(g)
-            rhs = grid.view(b, o, lp).transpose(1, 2)
-        out = self._buffer("weight", (b, k, o), a)
         chunk = max(1, min(b, PATCH_CHUNK_BYTES // (k * lp * a.element_size())))
         cols = self._buffer("cols", (chunk, kh, kw, c, lp), a)
         block = planes[0].numel()
@@ -370,10 +385,9 @@ class _LayerRule:
                         (block, wq, 1, plane, 1),
                         planes.storage_offset() + start * block + (p * sw + q) * c * plane,
                     )
-                    part[:, p::sh, q::sw].copy_(runs)
-            torch.bmm(part.view(-1, k, lp), rhs[start:stop], out=out[start:stop])
-        self.conv_layout = "patches_by_output"
-        return out
+                    if fill:
+                        part[:, p::sh, q::sw].copy_(runs)
+            yield start, stop, part.view(-1, k, lp)
 
     def _conv_grouped(self, module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Per-example weight gradients as one grouped convolution backward (groups = B).
