@@ -14,7 +14,7 @@ from mechanisms import TrainConfig
 from mechanisms.models import build_model
 from mechanisms.training import make_optimizer, make_scheduler
 
-__all__ = ["fresh_cnn", "interleaved_medians", "mnist5k_members"]
+__all__ = ["fresh_cnn", "interleaved_medians", "interleaved_times", "mnist5k_members"]
 
 
 def mnist5k_members() -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -33,17 +33,23 @@ def fresh_cnn(shape: tuple[int, ...], config: TrainConfig):
     return model, opt, make_scheduler(opt, config, 10**6)
 
 
-def interleaved_medians(
-    runners: dict[str, Callable[[], object]], rounds: int
-) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Seconds per call of every runner: one untimed warm-up call each, then ``rounds`` rounds
-    that call every runner in turn (machine noise hits them alike); medians and all times."""
-    for fn in runners.values():
-        fn()
+def interleaved_times(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of ``rounds`` rounds that call every runner in turn (machine noise hits them
+    alike)."""
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(rounds):
         for name, fn in runners.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_medians(
+    runners: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Seconds per call of every runner: ``warmup`` untimed rounds, then ``rounds`` timed
+    rounds (:func:`interleaved_times`); medians and all timed seconds."""
+    interleaved_times(runners, warmup)
+    times = interleaved_times(runners, rounds)
     return {k: statistics.median(v) for k, v in times.items()}, times

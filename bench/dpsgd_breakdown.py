@@ -8,7 +8,7 @@ stale patches), or their GEMMs skipped (patches built, nothing multiplied). Ever
 (forward, backward to the layers' outputs, norms, clipping, noise, Poisson lots, optimizer)
 is unchanged. Interleaved rounds, medians; timings only, never used for training.
 
-    python bench/dpsgd_breakdown.py [--rounds 8]
+    python bench/dpsgd_breakdown.py [--rounds 8] [--warmup 10]
 """
 
 from __future__ import annotations
@@ -23,40 +23,61 @@ from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_epoch, dpsgd_gradient
 from mechanisms.sgd import sgd_epoch
 
 RULE = pe._LayerRule
-ORIGINAL = {"_conv_patches": RULE._conv_patches, "_patch_chunks": RULE._patch_chunks}
+ORIGINAL = {
+    name: getattr(RULE, name)
+    for name in ("_conv_patches", "_conv_shifted", "_patch_chunks", "_shifted_chunks")
+}
 
 
 _ZEROED: set[tuple[int, int]] = set()
 
 
-def _unfilled_chunks(self, module, a):
-    """Patch chunks whose buffers are not filled (zeroed once, so the GEMMs run on finite
-    stale patches)."""
+def _zero_once(patches: torch.Tensor) -> None:
+    """Zero an unfilled chunk buffer the first time it is seen, so the GEMMs run on finite
+    stale patches."""
+    if (patches.data_ptr(), patches.numel()) not in _ZEROED:
+        patches.zero_()
+        _ZEROED.add((patches.data_ptr(), patches.numel()))
+
+
+def _unfilled_patch_chunks(self, module, a):
     for start, stop, patches in ORIGINAL["_patch_chunks"](self, module, a, fill=False):
-        if (patches.data_ptr(), patches.numel()) not in _ZEROED:
-            patches.zero_()
-            _ZEROED.add((patches.data_ptr(), patches.numel()))
+        _zero_once(patches)
         yield start, stop, patches
 
 
-def _no_gemm(fill: bool):
-    """A conv rule that builds the patches (or not) but multiplies nothing: zero gradients."""
+def _unfilled_shifted_chunks(self, module, a, ho):
+    for start, stop, patches in ORIGINAL["_shifted_chunks"](self, module, a, ho, fill=False):
+        _zero_once(patches)
+        yield start, stop, patches
 
-    def conv_patches(self, module, a, g2):
+
+def _no_gemm(fill: bool, shifted: bool):
+    """A conv rule (either route) that builds its patches (all of them with ``fill``, else
+    none) but multiplies nothing: zero gradients."""
+
+    def conv(self, module, a, g):
         kh, kw = module.kernel_size
-        out = self._buffer("weight", (a.shape[0], kh * kw * a.shape[1], g2.shape[1]), a)
-        for _ in ORIGINAL["_patch_chunks"](self, module, a, fill=fill):
-            pass
+        out = self._buffer("weight", (a.shape[0], kh * kw * a.shape[1], g.shape[1]), a)
+        if fill:
+            chunks = (
+                ORIGINAL["_shifted_chunks"](self, module, a, g.shape[2])
+                if shifted
+                else ORIGINAL["_patch_chunks"](self, module, a)
+            )
+            for _ in chunks:
+                pass
         out.zero_()
         self.conv_layout = "patches_by_output"
         return out
 
-    return conv_patches
+    return conv
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=10, help="untimed epochs of every variant first")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -72,9 +93,18 @@ def main() -> None:
     runners["sgd"] = lambda: sgd_epoch(m, o, s, x, y, batch_size=b, generator=g)
     variants = {  # _LayerRule methods replaced in each variant
         "dpsgd": {},
-        "dpsgd, no conv per-example work": {"_conv_patches": _no_gemm(fill=False)},
-        "dpsgd, no patch copies": {"_patch_chunks": _unfilled_chunks},
-        "dpsgd, no per-example GEMMs": {"_conv_patches": _no_gemm(fill=True)},
+        "dpsgd, no conv per-example work": {
+            "_conv_patches": _no_gemm(False, False),
+            "_conv_shifted": _no_gemm(False, True),
+        },
+        "dpsgd, no patch copies": {
+            "_patch_chunks": _unfilled_patch_chunks,
+            "_shifted_chunks": _unfilled_shifted_chunks,
+        },
+        "dpsgd, no per-example GEMMs": {
+            "_conv_patches": _no_gemm(True, False),
+            "_conv_shifted": _no_gemm(True, True),
+        },
     }
     for name, replaced in variants.items():
         m2, o2, s2 = fresh_cnn(shape, config)
@@ -91,10 +121,11 @@ def main() -> None:
                     setattr(RULE, attr, fn)
 
         runners[name] = run
-    med, _ = interleaved_medians(runners, args.rounds)
+    med, _ = interleaved_medians(runners, args.rounds, warmup=args.warmup)
     steps = plan.steps
     print(
-        f"cnn on mnist5k members (n={n}), batch {b}, {args.threads} threads, median of {args.rounds} rounds"
+        f"cnn on mnist5k members (n={n}), batch {b}, {args.threads} threads, median of {args.rounds} rounds "
+        f"after {args.warmup} warm-up epochs"
     )
     print(f"{'variant':34s} {'s/epoch':>8s} {'x sgd':>6s} {'ms/step saved':>14s}")
     for k, v in med.items():
