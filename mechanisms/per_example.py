@@ -326,8 +326,10 @@ class _LayerRule:
         ``(y + i // s_h) wq + x + j // s_w``: for a fixed tap, all positions of a row-major
         ``Ho x wq`` grid are one contiguous run of the plane. Patch rows are therefore copied
         as whole runs (``Ho wq`` floats) rather than ``kw C``-float pieces. The grid has
-        ``wq - Wo`` extra columns per row, whose patch values are junk (other pixels, always
-        finite) and whose output gradients are zero, so they add nothing to the product.
+        ``wq - Wo`` extra columns per row, whose patch values are junk (other pixels of the
+        same or the next example, or zeros) and whose output gradients are zero, so they add
+        nothing to the product. (A non-finite pixel in the next example can therefore make
+        this one's gradient NaN; such a lot's clipped sum is NaN either way.)
         Same result as ``_conv_patches``, layout [B, kh, kw, C, O].
         """
         b, o, ho, wo = g.shape
