@@ -4,7 +4,8 @@ Same setting as ``bench/dpsgd_overhead.py`` (tanh ``cnn``, the 2,500 member exam
 mnist5k, batch 256). Besides ``sgd`` and ``dpsgd`` it times three deliberately *wrong*
 variants of our DP-SGD, to attribute the overhead: the per-example weight gradients of the
 convolutions skipped altogether (left at zero), their patch copies skipped (the GEMMs run on
-stale patches), or their GEMMs skipped (patches built, nothing multiplied). Everything else
+stale patches; the shifted-window route still builds its stride-phase planes and gradient
+grid), or their GEMMs skipped (patches built, nothing multiplied). Everything else
 (forward, backward to the layers' outputs, norms, clipping, noise, Poisson lots, optimizer)
 is unchanged. Interleaved rounds, medians; timings only, never used for training.
 
