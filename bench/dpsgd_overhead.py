@@ -7,13 +7,14 @@ noise hits every method alike. Prints a ratio table and writes
 ``bench/results/dpsgd_overhead.json``. Not a test: timings never go in tests.
 
 The headline is the steady state, after ``--warmup`` epochs of every method. Poisson lots vary
-in size, and the first lot of each new size costs DP-SGD (ours and Opacus's) about 1.5 ms more
-on this CPU: oneDNN builds its convolution kernels per input shape, and new sizes page-fault
-through fresh memory. A 10-epoch run meets about 50 distinct sizes in its 100 lots, a 30-epoch
-run about 70 in 300, so the early epochs are slower; the last column gives the mean ratio over
-a fresh run's first ``--first`` epochs (timed during the warm-up) so that cost is visible.
-It is printed for our DP-SGD only, which runs right after ``sgd``: the later methods reuse the
-kernels that earlier ones built for the same shapes, so their first epochs are not cold.
+in size, and the first lot of each new size costs DP-SGD (ours and Opacus's) about 1 ms more
+on this CPU (``bench/lot_sizes.py``): oneDNN builds its convolution kernels per input shape,
+and new sizes page-fault through fresh memory. A 10-epoch run meets about 50 distinct sizes
+in its 100 lots, a 40-epoch run about 70 in 400, so the early epochs are slower; the last
+line gives the mean ratio over a fresh run's first ``--first`` epochs (timed during the
+warm-up) so that cost is visible. It is printed for our DP-SGD only, which runs right after
+``sgd``: the later methods reuse the kernels that earlier ones built for the same shapes, so
+their first epochs are not cold.
 
     python bench/dpsgd_overhead.py [--batch-size 256] [--rounds 11] [--warmup 20] [--threads 2]
 """
