@@ -218,11 +218,19 @@ class _LayerRule:
         self.sq += torch.linalg.vector_norm(per_example.flatten(1), dim=1).square()
 
     def _buffer(
-        self, name: str, shape: tuple[int, ...], like: torch.Tensor, *, zeroed: bool = False
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        like: torch.Tensor,
+        *,
+        zeroed: bool = False,
+        region: tuple[int, ...] = (),
     ) -> torch.Tensor:
-        # Each application of a module has buffers of its own; a padded buffer is also keyed by
-        # its shape, so that its zero border never moves.
-        key = f"{name}#{self.occurrence}" + (f":{shape[1:]}" if zeroed else "")
+        # Each application of a module has buffers of its own. A buffer with a zero border is
+        # also keyed by its shape and by the ``region`` that callers write (when the shape
+        # alone does not fix it), so that the border never moves: a border cell is never
+        # written, or it would keep a stale value.
+        key = f"{name}#{self.occurrence}" + (f":{shape[1:]}:{region}" if zeroed else "")
         return self.ws.get((id(self.module), key), shape, like, zeroed=zeroed)
 
     def _linear(self, module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> None:
@@ -337,11 +345,11 @@ class _LayerRule:
         lp = ho * wq
         # Output gradients on the Ho x wq grid; the extra columns stay zero.
         if g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
-            grid = self._buffer("grid", (b, ho, wq, o), g, zeroed=True)
+            grid = self._buffer("grid", (b, ho, wq, o), g, zeroed=True, region=(wo,))
             grid[:, :, :wo].copy_(g.permute(0, 2, 3, 1))
             rhs = grid.view(b, lp, o)
         else:
-            grid = self._buffer("grid", (b, o, ho, wq), g, zeroed=True)
+            grid = self._buffer("grid", (b, o, ho, wq), g, zeroed=True, region=(wo,))
             grid[:, :, :, :wo].copy_(g)
             rhs = grid.view(b, o, lp).transpose(1, 2)
         kh, kw = module.kernel_size
@@ -364,7 +372,7 @@ class _LayerRule:
         plane, lp, k = hq * wq, ho * wq, kh * kw * c
         # Planes of every example, plus one spare block that the last runs may read past the
         # end. The padding border is zero from the allocation and never written.
-        planes = self._buffer("planes", (b + 1, sh, sw, c, hq, wq), a, zeroed=True)
+        planes = self._buffer("planes", (b + 1, sh, sw, c, hq, wq), a, zeroed=True, region=(h, w))
         for p in range(sh):
             r0 = max(0, -(-(ph - p) // sh))  # first plane row that holds an input row
             y0 = sh * r0 + p - ph

@@ -295,3 +295,27 @@ def test_shifted_window_patches_equal_the_loop(monkeypatch, chunk_bytes, channel
     for n in fast:
         for i in range(5):
             torch.testing.assert_close(fast[n][i], slow[i][n], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_workspace_reuse_across_input_sizes(channels_last):
+    """A workspace reused for inputs of another size (whose padded, stride-phase layout has
+    the same shape) gives the loop's gradients: no stale pixels or output gradients remain in
+    the zero borders."""
+    import mechanisms.per_example as pe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 8, stride=2, padding=2), nn.Tanh(), nn.Flatten(1, -1), nn.LazyLinear(5)
+    ).double()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ws = Workspace()
+    for size in (28, 27, 28):  # 28 and 27 share the phase-plane shape (16 x 16)
+        model[3] = nn.Linear(3 * ((size + 4 - 8) // 2 + 1) ** 2, 5).double()
+        x = torch.randn(4, 1, size, size, dtype=torch.float64).contiguous(memory_format=fmt) * 3
+        y = torch.randint(0, 5, (4,))
+        fast = pe.ghost_per_example_grads(model, x, y, workspace=ws)
+        slow = _loop_grads(model, x, y)
+        for n in fast:
+            for i in range(4):
+                torch.testing.assert_close(fast[n][i], slow[i][n], rtol=1e-10, atol=1e-12)
