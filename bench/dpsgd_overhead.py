@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--no-opacus", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "dpsgd_overhead.json"))
     args = ap.parse_args()
+    if not 1 <= args.first <= args.warmup or args.rounds < 1:
+        ap.error("need --rounds >= 1 and 1 <= --first <= --warmup")
     torch.set_num_threads(args.threads)
     x, y, shape = mnist5k_members()
     n, b = len(y), args.batch_size
