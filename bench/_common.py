@@ -11,10 +11,11 @@ import torch
 
 from audit.data import load_dataset
 from mechanisms import TrainConfig
+from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan
 from mechanisms.models import build_model
 from mechanisms.training import make_optimizer, make_scheduler
 
-__all__ = ["fresh_cnn", "interleaved_medians", "interleaved_times", "mnist5k_members"]
+__all__ = ["dp_setting", "fresh_cnn", "interleaved_medians", "interleaved_times", "mnist5k_members"]
 
 
 def mnist5k_members() -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -24,6 +25,15 @@ def mnist5k_members() -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
     keep[np.random.default_rng(0).permutation(data.population)[: data.population // 2]] = True
     mask = torch.from_numpy(keep)
     return data.x[mask], data.y[mask], tuple(data.input_shape)
+
+
+def dp_setting(batch_size: int, sigma: float = 1.0, clip: float = 1.0):
+    """The DP-SGD benches' setting: (x, y, shape, config, plan) for the mnist5k members, an
+    expected batch of ``batch_size`` and round(n / batch_size) lots per epoch."""
+    x, y, shape = mnist5k_members()
+    n, b = len(y), batch_size
+    config = DpSgdConfig(noise_multiplier=sigma, clip_norm=clip, batch_size=b, epochs=1, lr=0.05)
+    return x, y, shape, config, DpSgdPlan(b / n, round(n / b), sigma, float(b))
 
 
 def fresh_cnn(shape: tuple[int, ...], config: TrainConfig):

@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import fresh_cnn, interleaved_medians, mnist5k_members
+from _common import dp_setting, fresh_cnn, interleaved_medians
 
 import mechanisms.per_example as pe
-from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_epoch, dpsgd_gradient
+from mechanisms.dpsgd import dpsgd_epoch, dpsgd_gradient
 from mechanisms.sgd import sgd_epoch
 
 RULE = pe._LayerRule
@@ -83,10 +83,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    x, y, shape = mnist5k_members()
+    x, y, shape, config, plan = dp_setting(args.batch_size)
     n, b = len(y), args.batch_size
-    config = DpSgdConfig(noise_multiplier=1.0, clip_norm=1.0, batch_size=b, epochs=1, lr=0.05)
-    plan = DpSgdPlan(b / n, round(n / b), 1.0, float(b))
 
     runners = {}
     m, o, s = fresh_cnn(shape, config)

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import fresh_cnn, interleaved_times, mnist5k_members
+from _common import dp_setting, fresh_cnn, interleaved_times
 
-from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_epoch, dpsgd_gradient
+from mechanisms.dpsgd import DpSgdConfig, dpsgd_epoch, dpsgd_gradient
 from mechanisms.models import build_model
 from mechanisms.sgd import sgd_epoch
 
@@ -52,10 +52,8 @@ def main() -> None:
     if not 1 <= args.first <= args.warmup or args.rounds < 1:
         ap.error("need --rounds >= 1 and 1 <= --first <= --warmup")
     torch.set_num_threads(args.threads)
-    x, y, shape = mnist5k_members()
+    x, y, shape, config, plan = dp_setting(args.batch_size, SIGMA, CLIP)
     n, b = len(y), args.batch_size
-    config = DpSgdConfig(noise_multiplier=SIGMA, clip_norm=CLIP, batch_size=b, epochs=1, lr=0.05)
-    plan = DpSgdPlan(b / n, round(n / b), SIGMA, float(b))
 
     runners = {}
     m_sgd, o_sgd, s_sgd = fresh_cnn(shape, config)

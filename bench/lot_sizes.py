@@ -16,9 +16,9 @@ import statistics
 import time
 
 import torch
-from _common import fresh_cnn, mnist5k_members
+from _common import dp_setting, fresh_cnn
 
-from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_gradient
+from mechanisms.dpsgd import dpsgd_gradient
 from mechanisms.sampling import poisson_lot
 
 
@@ -28,10 +28,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    x, y, shape = mnist5k_members()
+    x, y, shape, config, plan = dp_setting(args.batch_size)
     n, b = len(y), args.batch_size
-    config = DpSgdConfig(noise_multiplier=1.0, clip_norm=1.0, batch_size=b, epochs=1, lr=0.05)
-    plan = DpSgdPlan(b / n, round(n / b), 1.0, float(b))
     model, _, _ = fresh_cnn(shape, config)
     gradient = dpsgd_gradient(config, plan, torch.Generator().manual_seed(0))
     for size in range(b + 50, b + 70):  # warm everything else up on sizes not used below

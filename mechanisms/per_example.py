@@ -115,6 +115,13 @@ PATCH_CHUNK_BYTES = 2**21
 SHIFTED_MAX_RUN = 32
 
 
+def _chunks(b: int, bytes_per_example: int) -> tuple[int, list[tuple[int, int]]]:
+    """Chunk size and (start, stop) of consecutive chunks of ``b`` examples that take
+    ``PATCH_CHUNK_BYTES`` at a time."""
+    chunk = max(1, min(b, PATCH_CHUNK_BYTES // bytes_per_example))
+    return chunk, [(start, min(b, start + chunk)) for start in range(0, b, chunk)]
+
+
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -198,6 +205,9 @@ class _LayerRule:
         self.occurrence = occurrence  # a module applied twice in a forward pass: 0, then 1
         self.parts: dict[str, torch.Tensor] = {}  # name -> per-example gradient [B, ...]
         self.linear: tuple[torch.Tensor, torch.Tensor] | None = None
+        # "patches_by_output": the conv weight's per-example gradient has layout
+        # [B, kh, kw, C, O] (the patch routes); "standard": [B, O, C, kh, kw]
+        self.conv_layout = "standard"
         self.sq = torch.zeros(a.shape[0], dtype=g.dtype, device=g.device)
         if isinstance(module, nn.Linear):
             self._linear(module, a, g)
@@ -302,10 +312,9 @@ class _LayerRule:
         """
         x = self._patch_view(module, a)
         b, k = x.shape[0], x[0, 0, 0].numel()
-        chunk = max(1, min(b, PATCH_CHUNK_BYTES // (x[0].numel() * a.element_size())))
+        chunk, ranges = _chunks(b, x[0].numel() * a.element_size())
         cols = self._buffer("cols", (chunk, *x.shape[1:]), a)
-        for start in range(0, b, chunk):
-            stop = min(b, start + chunk)
+        for start, stop in ranges:
             part = cols[: stop - start]
             if fill:
                 part.copy_(x[start:stop])
@@ -381,11 +390,10 @@ class _LayerRule:
                 x0 = sw * u0 + q - pw
                 src = a[:, :, y0::sh, x0::sw]
                 planes[:b, p, q, :, r0 : r0 + src.shape[2], u0 : u0 + src.shape[3]].copy_(src)
-        chunk = max(1, min(b, PATCH_CHUNK_BYTES // (k * lp * a.element_size())))
+        chunk, ranges = _chunks(b, k * lp * a.element_size())
         cols = self._buffer("cols", (chunk, kh, kw, c, lp), a)
         block = planes[0].numel()
-        for start in range(0, b, chunk):
-            stop = min(b, start + chunk)
+        for start, stop in ranges:
             part = cols[: stop - start]
             for p in range(min(sh, kh)):
                 for q in range(min(sw, kw)):
@@ -439,12 +447,18 @@ class _LayerRule:
             a, g = self.linear
             out["weight"] = torch.bmm(g.unsqueeze(2), a.unsqueeze(1))
         for name, t in self.parts.items():
-            param = getattr(self.module, name)
-            if name == "weight" and getattr(self, "conv_layout", "") == "patches_by_output":
-                o, c, kh, kw = param.shape
-                t = t.view(-1, kh, kw, c, o).permute(0, 4, 3, 1, 2)
-            out[name] = t.reshape(-1, *param.shape)
+            out[name] = self._param_layout(name, t, batched=True)
         return out
+
+    def _param_layout(self, name: str, t: torch.Tensor, *, batched: bool) -> torch.Tensor:
+        """``t`` (per example [B, ...] when ``batched``, else summed) in the parameter's shape."""
+        shape = getattr(self.module, name).shape
+        lead = (-1,) if batched else ()
+        if name == "weight" and self.conv_layout == "patches_by_output":
+            o, c, kh, kw = shape
+            t = t.view(*lead, kh, kw, c, o)
+            t = t.permute(*range(len(lead)), *(len(lead) + d for d in (3, 2, 0, 1)))
+        return t.reshape(*lead, *shape)
 
     def finish(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sum over the batch of the per-example gradients scaled by clip factors ``f``."""
@@ -453,12 +467,7 @@ class _LayerRule:
             a, g = self.linear
             out["weight"] = (g * f[:, None]).T @ a
         for name, t in self.parts.items():
-            summed = f @ t.flatten(1)
-            param = getattr(self.module, name)
-            if name == "weight" and getattr(self, "conv_layout", "") == "patches_by_output":
-                o, c, kh, kw = param.shape
-                summed = summed.view(kh, kw, c, o).permute(3, 2, 0, 1)
-            out[name] = summed.reshape(param.shape)
+            out[name] = self._param_layout(name, f @ t.flatten(1), batched=False)
         return out
 
 
@@ -492,6 +501,10 @@ def _ghost_rules(
     return rules, float(loss.detach())
 
 
+def _param_name(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _accumulate(out: dict[str, torch.Tensor], key: str, t: torch.Tensor) -> None:
     # A module applied twice in one forward pass contributes twice.
     out[key] = out[key] + t if key in out else t
@@ -519,7 +532,7 @@ def _ghost_clipped_sum(
             prefix = names[module]
             for rule in rs:
                 for k, t in rule.per_example().items():
-                    _accumulate(shared, f"{prefix}.{k}" if prefix else k, t)
+                    _accumulate(shared, _param_name(prefix, k), t)
     sq.extend(torch.linalg.vector_norm(t.flatten(1), dim=1).square() for t in shared.values())
     norms = torch.stack(sq).sum(0).sqrt()
     f = clip_factors(norms, clip_norm)
@@ -528,7 +541,7 @@ def _ghost_clipped_sum(
         if len(rs) == 1:
             prefix = names[module]
             for k, t in rs[0].finish(f).items():
-                summed[f"{prefix}.{k}" if prefix else k] = t
+                summed[_param_name(prefix, k)] = t
     return ClippedSum(summed, norms, loss)
 
 
@@ -550,7 +563,7 @@ def ghost_per_example_grads(
     for rule in rules:
         prefix = names[rule.module]
         for k, t in rule.per_example().items():
-            _accumulate(out, f"{prefix}.{k}" if prefix else k, t)
+            _accumulate(out, _param_name(prefix, k), t)
     return out
 
 

@@ -37,6 +37,21 @@ def _loop_clipped_sum(model, x, y, c):
     return total, norms
 
 
+def _assert_equals_loop(fast, slow):
+    """Per-example gradients [B, ...] equal the loop's, parameter by parameter (none missing)."""
+    assert set(fast) == set(slow[0])
+    for n in fast:
+        for i in range(len(slow)):
+            torch.testing.assert_close(fast[n][i], slow[i][n], rtol=1e-10, atol=1e-12)
+
+
+def _assert_clipped_equal(got, want, norms):
+    """A ClippedSum equals the loop's norms and clipped sums."""
+    torch.testing.assert_close(got.norms, norms, rtol=1e-10, atol=1e-12)
+    for n in want:
+        torch.testing.assert_close(got.grads[n], want[n], rtol=1e-10, atol=1e-12)
+
+
 class SeqModel(nn.Module):
     """Linear layers on a sequence axis, a dilated biased conv and a LayerNorm (vmap only)."""
 
@@ -93,10 +108,7 @@ def test_vmap_per_example_grads_equal_loop(name, shape):
     x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 5, (6,))
     fast = per_example_grads(model, x, y)
     slow = _loop_grads(model, x, y)
-    assert set(fast) == set(slow[0])
-    for n in fast:
-        for i in range(6):
-            torch.testing.assert_close(fast[n][i], slow[i][n], rtol=1e-10, atol=1e-12)
+    _assert_equals_loop(fast, slow)
 
 
 @pytest.mark.parametrize("engine", ["ghost", "vmap"])
@@ -161,10 +173,7 @@ def test_every_conv_route_equals_the_loop(monkeypatch, shifted, limit, chunk_byt
     x, y = torch.randn(5, *shape, dtype=torch.float64) * 3, torch.randint(0, 5, (5,))
     fast = pe.ghost_per_example_grads(model, x, y)
     slow = _loop_grads(model, x, y)
-    assert set(fast) == set(slow[0])
-    for n in fast:
-        for i in range(5):
-            torch.testing.assert_close(fast[n][i], slow[i][n], rtol=1e-10, atol=1e-12)
+    _assert_equals_loop(fast, slow)
 
 
 class Shared(nn.Module):
@@ -188,9 +197,7 @@ def test_module_applied_twice_counts_both_uses(engine):
     x, y = torch.randn(6, 2, 7, 7, dtype=torch.float64) * 3, torch.randint(0, 5, (6,))
     got = clipped_grad_sum(model, x, y, clip_norm=0.3, engine=engine, workspace=Workspace())
     want, norms = _loop_clipped_sum(model, x, y, 0.3)
-    torch.testing.assert_close(got.norms, norms, rtol=1e-10, atol=1e-12)
-    for n in want:
-        torch.testing.assert_close(got.grads[n], want[n], rtol=1e-10, atol=1e-12)
+    _assert_clipped_equal(got, want, norms)
 
 
 class ChannelsLast(nn.Module):
@@ -224,9 +231,7 @@ def test_channels_last_activations_equal_the_loop():
     cl = torch.channels_last
     assert seen[0].is_contiguous(memory_format=cl) and not seen[0].is_contiguous()
     want, norms = _loop_clipped_sum(model, x * 3, y, 0.2)
-    torch.testing.assert_close(got.norms, norms, rtol=1e-10, atol=1e-12)
-    for n in want:
-        torch.testing.assert_close(got.grads[n], want[n], rtol=1e-10, atol=1e-12)
+    _assert_clipped_equal(got, want, norms)
 
 
 @pytest.mark.parametrize("name, shape", CASES)
@@ -291,10 +296,7 @@ def test_shifted_window_patches_equal_the_loop(monkeypatch, chunk_bytes, channel
     fast = pe.ghost_per_example_grads(model, x, y, workspace=ws)
     slow = _loop_grads(model, x, y)
     assert len(calls) == 8 and any(calls) and not all(calls), calls  # both gradient layouts
-    assert set(fast) == set(slow[0])
-    for n in fast:
-        for i in range(5):
-            torch.testing.assert_close(fast[n][i], slow[i][n], rtol=1e-10, atol=1e-12)
+    _assert_equals_loop(fast, slow)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -316,6 +318,4 @@ def test_workspace_reuse_across_input_sizes(channels_last):
         y = torch.randint(0, 5, (4,))
         fast = pe.ghost_per_example_grads(model, x, y, workspace=ws)
         slow = _loop_grads(model, x, y)
-        for n in fast:
-            for i in range(4):
-                torch.testing.assert_close(fast[n][i], slow[i][n], rtol=1e-10, atol=1e-12)
+        _assert_equals_loop(fast, slow)
