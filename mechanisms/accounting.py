@@ -134,8 +134,9 @@ def calibrate_noise_multiplier(
     if eps_hi > target_epsilon:
         raise ValueError(
             f"target epsilon {target_epsilon} is not reachable: the smallest reachable epsilon "
-            f"with this sample rate and number of steps is {eps_hi:.4g} (noise multiplier {hi}); "
-            "train for fewer epochs, use a smaller batch, or raise the target"
+            f"with this sample rate and number of steps is {eps_hi:.4g}, at noise multiplier {hi} "
+            "(the largest that calibration searches); train for fewer epochs, use a smaller "
+            "batch, raise the target, or set --noise-multiplier directly"
         )
     too_large = ValueError(
         f"target epsilon {target_epsilon} is above the largest epsilon calibration considers "

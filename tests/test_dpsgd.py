@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from audit.train import TrainRequest, train_target
-from mechanisms.accounting import calibrate_noise_multiplier, dpsgd_event, epsilon
+from mechanisms.accounting import SIGMA_RANGE, calibrate_noise_multiplier, dpsgd_event, epsilon
 from mechanisms.dpsgd import DpSgdConfig, noisy_gradient, plan_dpsgd, train_dpsgd
 from mechanisms.models import build_model
 from mechanisms.sampling import poisson_lot
@@ -125,12 +125,16 @@ def test_calibration_lands_within_one_percent_below_target(target):
 
 
 def test_unreachable_target_names_the_smallest_reachable_epsilon():
-    with pytest.raises(ValueError, match="smallest reachable epsilon"):
+    with pytest.raises(ValueError, match="smallest reachable epsilon") as err:
         calibrate_noise_multiplier(
             target_epsilon=1e-4,
             delta=1e-5,
             make_event=lambda s: dpsgd_event(noise_multiplier=s, sample_rate=0.5, steps=10_000),
         )
+    # the number named is dp-accounting's epsilon at the largest multiplier searched
+    hi = SIGMA_RANGE[1]
+    assert f"is {_reference_epsilon(0.5, hi, 10_000, 1e-5):.4g}, at noise multiplier {hi} " in str(err.value)
+    assert "--noise-multiplier" in str(err.value)
 
 
 def test_delta_must_be_below_one_over_n():
