@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -15,7 +16,15 @@ from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan
 from mechanisms.models import build_model
 from mechanisms.training import make_optimizer, make_scheduler
 
-__all__ = ["dp_setting", "fresh_cnn", "interleaved_medians", "interleaved_times", "mnist5k_members"]
+__all__ = [
+    "dp_parser",
+    "dp_setting",
+    "dp_start",
+    "fresh_cnn",
+    "interleaved_medians",
+    "interleaved_times",
+    "mnist5k_members",
+]
 
 
 def mnist5k_members() -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -34,6 +43,22 @@ def dp_setting(batch_size: int, sigma: float = 1.0, clip: float = 1.0):
     n, b = len(y), batch_size
     config = DpSgdConfig(noise_multiplier=sigma, clip_norm=clip, batch_size=b, epochs=1, lr=0.05)
     return x, y, shape, config, DpSgdPlan(b / n, round(n / b), sigma, float(b))
+
+
+def dp_parser(doc: str) -> argparse.ArgumentParser:
+    """A DP-SGD bench's parser (described by ``doc``'s first line) with ``--batch-size`` and
+    ``--threads``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def dp_start(args: argparse.Namespace, sigma: float = 1.0, clip: float = 1.0):
+    """Set torch's thread count from ``args.threads``; :func:`dp_setting` for
+    ``args.batch_size``."""
+    torch.set_num_threads(args.threads)
+    return dp_setting(args.batch_size, sigma, clip)
 
 
 def fresh_cnn(shape: tuple[int, ...], config: TrainConfig):

@@ -14,10 +14,8 @@ is unchanged. Interleaved rounds, medians; timings only, never used for training
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _common import dp_setting, fresh_cnn, interleaved_medians
+from _common import dp_parser, dp_start, fresh_cnn, interleaved_medians
 
 import mechanisms.per_example as pe
 from mechanisms.dpsgd import dpsgd_epoch, dpsgd_gradient
@@ -76,14 +74,11 @@ def _no_gemm(fill: bool, shifted: bool):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = dp_parser(__doc__)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=10, help="untimed epochs of every variant first")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    x, y, shape, config, plan = dp_setting(args.batch_size)
+    x, y, shape, config, plan = dp_start(args)
     n, b = len(y), args.batch_size
 
     runners = {}

@@ -21,7 +21,7 @@ their first epochs are not cold.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import dp_setting, fresh_cnn, interleaved_times
+from _common import dp_parser, dp_start, fresh_cnn, interleaved_times
 
-from mechanisms.dpsgd import DpSgdConfig, dpsgd_epoch, dpsgd_gradient
+from mechanisms.dpsgd import dpsgd_epoch, dpsgd_gradient
 from mechanisms.models import build_model
 from mechanisms.sgd import sgd_epoch
 
@@ -40,19 +40,16 @@ SIGMA, CLIP = 1.0, 1.0
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap = dp_parser(__doc__)
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--warmup", type=int, default=20, help="untimed epochs of every method first")
     ap.add_argument("--first", type=int, default=10, help="report also the mean of the first N epochs")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-opacus", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "dpsgd_overhead.json"))
     args = ap.parse_args()
     if not 1 <= args.first <= args.warmup or args.rounds < 1:
         ap.error("need --rounds >= 1 and 1 <= --first <= --warmup")
-    torch.set_num_threads(args.threads)
-    x, y, shape, config, plan = dp_setting(args.batch_size, SIGMA, CLIP)
+    x, y, shape, config, plan = dp_start(args, SIGMA, CLIP)
     n, b = len(y), args.batch_size
 
     runners = {}
@@ -62,7 +59,7 @@ def main() -> None:
     for engine in ("ghost", "vmap"):
         m, o, s = fresh_cnn(shape, config)
         g = torch.Generator().manual_seed(0)
-        cfg = DpSgdConfig(noise_multiplier=SIGMA, clip_norm=CLIP, batch_size=b, epochs=1, engine=engine)
+        cfg = dataclasses.replace(config, engine=engine)
         # one gradient function (and so one scratch workspace) for the whole run, as in training
         gradient = dpsgd_gradient(cfg, plan, g)
         runners[f"dpsgd ({engine})"] = lambda m=m, o=o, s=s, g=g, cfg=cfg, gr=gradient: dpsgd_epoch(

@@ -11,24 +11,19 @@ Not a test: timings never go in tests.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
-from _common import dp_setting, fresh_cnn
+from _common import dp_parser, dp_start, fresh_cnn
 
 from mechanisms.dpsgd import dpsgd_gradient
 from mechanisms.sampling import poisson_lot
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=256)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    x, y, shape, config, plan = dp_setting(args.batch_size)
+    args = dp_parser(__doc__).parse_args()
+    x, y, shape, config, plan = dp_start(args)
     n, b = len(y), args.batch_size
     model, _, _ = fresh_cnn(shape, config)
     gradient = dpsgd_gradient(config, plan, torch.Generator().manual_seed(0))

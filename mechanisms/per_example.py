@@ -115,6 +115,11 @@ PATCH_CHUNK_BYTES = 2**21
 SHIFTED_MAX_RUN = 32
 
 
+def _channels_last_only(t: torch.Tensor) -> bool:
+    """True when ``t`` is laid out channels-last and not also contiguous (NCHW)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def _chunks(b: int, bytes_per_example: int) -> tuple[int, list[tuple[int, int]]]:
     """Chunk size and (start, stop) of consecutive chunks of ``b`` examples that take
     ``PATCH_CHUNK_BYTES`` at a time."""
@@ -260,7 +265,7 @@ class _LayerRule:
 
     def _conv(self, module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> None:
         b, o = g.shape[:2]
-        if g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
+        if _channels_last_only(g):
             g2 = g.permute(0, 2, 3, 1).view(b, -1, o).transpose(1, 2)  # [B, O, L], no copy
         else:
             g2 = g.reshape(b, o, -1)
@@ -353,7 +358,7 @@ class _LayerRule:
         wq = -(-(a.shape[3] + 2 * module.padding[1]) // module.stride[1])
         lp = ho * wq
         # Output gradients on the Ho x wq grid; the extra columns stay zero.
-        if g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
+        if _channels_last_only(g):
             grid = self._buffer("grid", (b, ho, wq, o), g, zeroed=True, region=(wo,))
             grid[:, :, :wo].copy_(g.permute(0, 2, 3, 1))
             rhs = grid.view(b, lp, o)
