@@ -9,14 +9,16 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from audit.data import load_dataset
 from mechanisms import TrainConfig
 from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan
-from mechanisms.models import build_model
+from mechanisms.models import MaxPool2d, build_model
 from mechanisms.training import make_optimizer, make_scheduler
 
 __all__ = [
+    "bench_cnn",
     "dp_parser",
     "dp_setting",
     "dp_start",
@@ -61,9 +63,25 @@ def dp_start(args: argparse.Namespace, sigma: float = 1.0, clip: float = 1.0):
     return dp_setting(args.batch_size, sigma, clip)
 
 
-def fresh_cnn(shape: tuple[int, ...], config: TrainConfig):
-    """A seed-0 ``cnn`` with its optimizer and a schedule that never ends: (model, opt, sched)."""
+def bench_cnn(shape: tuple[int, ...], *, stock_pooling: bool = False) -> nn.Module:
+    """The seed-0 ``cnn``. With ``stock_pooling`` its pooling layers are torch's own
+    ``nn.MaxPool2d`` on NCHW memory (same parameters, same values), as the cnn of the DP-SGD
+    literature runs in stock PyTorch, instead of our channels-last ``MaxPool2d``
+    (mechanisms/models.py), which makes every epoch of the cnn faster."""
     model = build_model("cnn", shape, 10, seed=0)
+    if stock_pooling:
+        for parent in model.modules():
+            for name, child in parent.named_children():
+                if isinstance(child, MaxPool2d):
+                    stock = nn.MaxPool2d(child.kernel_size, child.stride, child.padding, child.dilation)
+                    setattr(parent, name, stock)
+    return model
+
+
+def fresh_cnn(shape: tuple[int, ...], config: TrainConfig, *, stock_pooling: bool = False):
+    """A seed-0 ``cnn`` (:func:`bench_cnn`) with its optimizer and a schedule that never ends:
+    (model, opt, sched)."""
+    model = bench_cnn(shape, stock_pooling=stock_pooling)
     opt = make_optimizer(model, config)
     return model, opt, make_scheduler(opt, config, 10**6)
 
