@@ -63,12 +63,11 @@ def main() -> None:
     n, b = len(y), args.batch_size
 
     runners = {}
-    pool = {"stock_pooling": args.stock_pooling}
-    m_sgd, o_sgd, s_sgd = fresh_cnn(shape, config, **pool)
+    m_sgd, o_sgd, s_sgd = fresh_cnn(shape, config, stock_pooling=args.stock_pooling)
     g_sgd = torch.Generator().manual_seed(0)
     runners["sgd"] = lambda: sgd_epoch(m_sgd, o_sgd, s_sgd, x, y, batch_size=b, generator=g_sgd)
     for engine in ("ghost", "vmap"):
-        m, o, s = fresh_cnn(shape, config, **pool)
+        m, o, s = fresh_cnn(shape, config, stock_pooling=args.stock_pooling)
         g = torch.Generator().manual_seed(0)
         cfg = dataclasses.replace(config, engine=engine)
         # one gradient function (and so one scratch workspace) for the whole run, as in training

@@ -120,6 +120,12 @@ def _channels_last_only(t: torch.Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
+def _phase_shape(module: nn.Conv2d, a: torch.Tensor) -> tuple[int, int]:
+    """Rows and columns (hq, wq) of one stride-phase plane of ``a``'s zero-padded input."""
+    (sh, sw), (ph, pw) = module.stride, module.padding
+    return -(-(a.shape[2] + 2 * ph) // sh), -(-(a.shape[3] + 2 * pw) // sw)
+
+
 def _chunks(b: int, bytes_per_example: int) -> tuple[int, list[tuple[int, int]]]:
     """Chunk size and (start, stop) of consecutive chunks of ``b`` examples that take
     ``PATCH_CHUNK_BYTES`` at a time."""
@@ -355,7 +361,7 @@ class _LayerRule:
         Same result as ``_conv_patches``, layout [B, kh, kw, C, O].
         """
         b, o, ho, wo = g.shape
-        wq = -(-(a.shape[3] + 2 * module.padding[1]) // module.stride[1])
+        wq = _phase_shape(module, a)[1]
         lp = ho * wq
         # Output gradients on the Ho x wq grid; the extra columns stay zero.
         if _channels_last_only(g):
@@ -382,7 +388,7 @@ class _LayerRule:
         """
         (kh, kw), (sh, sw), (ph, pw) = module.kernel_size, module.stride, module.padding
         b, c, h, w = a.shape
-        hq, wq = -(-(h + 2 * ph) // sh), -(-(w + 2 * pw) // sw)
+        hq, wq = _phase_shape(module, a)
         plane, lp, k = hq * wq, ho * wq, kh * kw * c
         # Planes of every example, plus one spare block that the last runs may read past the
         # end. The padding border is zero from the allocation and never written.

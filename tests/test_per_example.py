@@ -281,7 +281,7 @@ def test_shifted_window_patches_equal_the_loop(monkeypatch, chunk_bytes, channel
     original = pe._LayerRule._conv_shifted
 
     def spy(self, module, a, g):
-        calls.append(g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous())
+        calls.append(pe._channels_last_only(g))
         return original(self, module, a, g)
 
     monkeypatch.setattr(pe._LayerRule, "_conv_shifted", spy)
