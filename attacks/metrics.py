@@ -224,7 +224,7 @@ def one_run_epsilon_lower_bound(
     lo, hi = 0.0, 1.0
     while p_value(hi) < beta and hi < 100:
         lo, hi = hi, hi * 2
-    for _ in range(60):
+    while hi - lo > 1e-6:  # the bound is returned to 1e-6, rounded down
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if p_value(mid) < beta else (lo, mid)
     return lo

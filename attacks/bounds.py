@@ -1,0 +1,522 @@
+"""Canary-audit bounds: empirical epsilon lower bounds from canary scores (AUDITING.md).
+
+A canary audit plants m canaries, each included in training with probability 1/2
+independently, and scores each one (higher = more likely included). This module turns
+``(scores, included)`` into bounds on epsilon, each carrying its method, confidence, delta,
+the counts it was computed from, and what it assumes. Pure numpy/scipy; epsilon <-> Gaussian-DP
+conversions go through dp-accounting.
+
+Methods:
+
+* ``one-run`` (Steinke, Nasr, Jagielski 2023): guess the top k+ scores IN (and the bottom k-
+  OUT); v of the r guesses are right. Valid for any (eps, delta)-DP mechanism, with no
+  independence between canaries.
+* ``f-dp-one-run`` (Mahloujifar, Melis, Chaudhuri 2024): the same guesses, tested against the
+  Gaussian trade-off curve that is exactly (eps, delta)-DP. Valid when the mechanism is
+  Gaussian-DP; an (eps, delta) claim alone does not imply that (DP-SGD's curve has heavier tails
+  than the Gaussian through its (eps, delta)), so it is reported but never gated on.
+* ``clopper-pearson``: one threshold, one-sided Clopper-Pearson bounds on FPR and FNR
+  (ATTACKS.md). Valid only when the canaries are independent trials, as gradient canaries on
+  dedicated coordinates are by construction.
+* ``gdp-estimate`` (Nasr et al. 2023): a lower confidence bound on mu from one threshold's
+  FPR and FNR, converted to epsilon(delta). An estimate that assumes the mechanism is
+  Gaussian-DP: labelled so, never gated on.
+
+Guess counts and thresholds are never chosen with the audited canaries' labels: either on a
+separate set of *calibration* canaries (planted in the same run through the same code, never
+audited), or over a fixed grid of guess counts with a Bonferroni correction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+from scipy import special, stats
+
+from .metrics import epsilon_lower_bound, one_run_epsilon_lower_bound
+
+__all__ = [
+    "GUESS_FRACTIONS",
+    "METHODS",
+    "CanaryBound",
+    "audit_canaries",
+    "fdp_one_run_epsilon",
+    "fdp_rejects",
+    "gaussian_tradeoff",
+    "gdp_epsilon",
+    "gdp_mu_lower_bound",
+    "recompute_epsilon",
+]
+
+METHODS = ("one-run", "f-dp-one-run", "clopper-pearson", "gdp-estimate")
+
+# Fractions of the canaries guessed IN (top scores) tried by the guess-count selection. Without
+# calibration canaries each is a separate test and the confidence is split over all of them.
+GUESS_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+# Grid used without calibration canaries (fewer tests: a smaller Bonferroni price).
+BONFERRONI_FRACTIONS = (0.005, 0.02, 0.1, 0.5)
+# f-DP's recursion is sequential in the number of correct guesses; larger guess counts add
+# little to it (its strength is high precision at few guesses) and cost seconds each.
+FDP_MAX_GUESSES = 20_000
+# Candidate thresholds tried on calibration scores (quantiles; denser in the tails).
+THRESHOLD_CANDIDATES = 4000
+# Thresholds are chosen on calibration canaries by the bound they would give at this many
+# times the target confidence's error rate: the stricter criterion favours thresholds with
+# larger counts, whose rates carry over to the audited canaries (with the plain criterion the
+# largest value over thousands of thresholds is often a few lucky errors in a tail).
+SELECTION_STRICTNESS = 0.01
+
+ASSUMPTIONS = {
+    "one-run": "canaries included independently with probability 1/2; no independence between "
+    "canaries needed; guess counts fixed without the audited labels",
+    "f-dp-one-run": "as one-run, and the mechanism is Gaussian-DP (mu-GDP with the mu that is exactly "
+    "(epsilon, delta)-DP); an (epsilon, delta) guarantee alone does not imply this, so not a "
+    "refutation of the accountant",
+    "clopper-pearson": "canaries are independent trials (gradient canaries on dedicated coordinates); "
+    "threshold fixed without the audited labels",
+    "gdp-estimate": "an ESTIMATE, not a bound: assumes the mechanism is Gaussian-DP; a lower confidence "
+    "bound on mu from one threshold, converted to epsilon(delta)",
+}
+
+_N = NormalDist()
+
+
+@dataclass(frozen=True)
+class CanaryBound:
+    """One empirical epsilon from a canary audit, with everything needed to read it.
+
+    ``valid`` is True for a proven lower bound under ``assumptions`` that does not rest on the
+    mechanism's privacy curve having a particular shape (one-run; Clopper-Pearson when the
+    canaries are independent): these are the bounds the CI gate compares with an accountant.
+    ``counts`` are the numbers the bound was computed from and ``tests`` the number of
+    hypotheses its confidence was split over, so it can be recomputed at another confidence
+    (:func:`recompute_epsilon`). ``ceiling`` is what perfect guessing would give at these counts.
+    """
+
+    method: str
+    epsilon_lb: float
+    confidence: float
+    delta: float
+    valid: bool
+    assumptions: str
+    selection: str
+    score: str
+    counts: dict[str, int]
+    tests: int = 1
+    ceiling: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def saturated(self) -> bool:
+        return self.ceiling is not None and self.epsilon_lb >= self.ceiling - 1e-9
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "epsilon_lb": self.epsilon_lb,
+            "confidence": self.confidence,
+            "delta": self.delta,
+            "valid": self.valid,
+            "assumptions": self.assumptions,
+            "selection": self.selection,
+            "score": self.score,
+            "counts": dict(self.counts),
+            "tests": self.tests,
+            "ceiling": self.ceiling,
+            "saturated": self.saturated,
+            **({"extra": dict(self.extra)} if self.extra else {}),
+        }
+
+
+# --- the bounds, from counts --------------------------------------------------------------
+
+
+def gaussian_tradeoff(mu: float) -> Callable[[float], float]:
+    """``g(x) = f_mu(1 - x) = Phi(Phi^-1(x) - mu)`` for the mu-GDP trade-off curve f_mu."""
+    if mu <= 0:
+        return lambda x: x
+    return lambda x: _N.cdf(_N.inv_cdf(x) - mu) if 0 < x < 1 else float(x >= 1)
+
+
+def fdp_rejects(m: int, guesses: int, correct: int, g: Callable[[float], float], beta: float) -> bool:
+    """Whether v = ``correct`` of r = ``guesses`` rejects f-DP at level ``beta``, where
+    ``g(x) = f(1 - x)`` for the hypothesised trade-off curve f.
+
+    The recursion of Mahloujifar et al. (2024, ``audit_rh_with_cap``): ``r`` and ``h`` track
+    the least probability mass that correct and incorrect guesses must carry for an f-DP
+    mechanism to produce v correct guesses with probability ``beta``; ``g(x)`` is the least
+    mass an incorrect guess can carry when a correct one carries x. If the mass needed exceeds
+    the r/m the auditor actually spent, no f-DP mechanism explains the outcome. With the pure
+    epsilon-DP curve this reproduces Steinke et al.'s binomial test (tested).
+    """
+    if correct == 0:
+        return False
+    r = beta * correct / m
+    h = beta * (guesses - correct) / m
+    for i in range(correct - 1, -1, -1):
+        g_r = 1.0 if r >= 1.0 else g(r)
+        if g_r <= h:
+            break  # h (and so r) can no longer change
+        r = min(r + (i / (guesses - i)) * (g_r - h), 1.0)
+        h = g_r
+    return r + h > guesses / m
+
+
+def _fdp_falsified(m: int, guesses: int, correct: int, mu: float, beta: float) -> bool:
+    return fdp_rejects(m, guesses, correct, gaussian_tradeoff(mu), beta)
+
+
+def fdp_one_run_epsilon(m: int, guesses: int, correct: int, *, delta: float, beta: float = 0.05) -> float:
+    """f-DP one-run bound: the largest epsilon whose (epsilon, delta)-Gaussian curve is rejected.
+
+    Searches mu (rejection is monotone in it) to a relative 1e-4, rounded down, then converts
+    the largest rejected mu to epsilon(delta) with dp-accounting. 0 when even mu = 0 is not
+    rejected. Assumes the mechanism is Gaussian-DP.
+
+    >>> fdp_one_run_epsilon(1000, 100, 50, delta=1e-5)
+    0.0
+    >>> fdp_one_run_epsilon(1000, 100, 100, delta=1e-5) > one_run_epsilon_lower_bound(1000, 100, 100, delta=1e-5)
+    True
+    """
+    if not (0 <= correct <= guesses <= m) or m <= 0:
+        raise ValueError(f"need 0 <= correct <= guesses <= canaries, got {correct}, {guesses}, {m}")
+    if not (0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not _fdp_falsified(m, guesses, correct, 0.0, beta):
+        return 0.0
+    lo, hi = 0.0, 0.5
+    while _fdp_falsified(m, guesses, correct, hi, beta):
+        lo, hi = hi, hi * 2
+        if hi > 64:  # beyond any epsilon a finite audit can show
+            return gdp_epsilon(lo, delta)
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _fdp_falsified(m, guesses, correct, mid, beta) else (lo, mid)
+    return gdp_epsilon(lo, delta)
+
+
+def _cp_upper(errors: int, trials: int, alpha: float) -> float:
+    return 1.0 if errors >= trials else float(stats.beta.ppf(1 - alpha, errors + 1, trials - errors))
+
+
+def gdp_mu_lower_bound(fp: int, negatives: int, fn: int, positives: int, *, alpha: float = 0.05) -> float:
+    """Lower confidence bound on mu from one test: ``-Phi^-1(FPR_u) - Phi^-1(FNR_u)`` (>= 0).
+
+    FPR_u and FNR_u are one-sided Clopper-Pearson upper bounds at level alpha/2 each; a mu-GDP
+    mechanism forces FNR >= Phi(Phi^-1(1 - FPR) - mu) for every test (Dong, Roth, Su 2019).
+
+    >>> gdp_mu_lower_bound(500, 1000, 500, 1000)
+    0.0
+    """
+    if not (0 <= fp <= negatives and 0 <= fn <= positives and negatives > 0 and positives > 0):
+        raise ValueError(f"invalid counts fp={fp}/{negatives}, fn={fn}/{positives}")
+    fpr_u, fnr_u = _cp_upper(fp, negatives, alpha / 2), _cp_upper(fn, positives, alpha / 2)
+    if fpr_u >= 1 or fnr_u >= 1:
+        return 0.0
+    return max(0.0, float(-special.ndtri(fpr_u) - special.ndtri(fnr_u)))
+
+
+def gdp_epsilon(mu: float, delta: float) -> float:
+    """epsilon(delta) of mu-Gaussian-DP: a Gaussian mechanism with noise 1/mu (dp-accounting)."""
+    import dp_accounting
+
+    if mu <= 0:
+        return 0.0
+    return max(0.0, float(dp_accounting.get_epsilon_gaussian(1.0 / mu, delta)))
+
+
+def recompute_epsilon(bound: Mapping[str, Any], confidence: float) -> float:
+    """A bound of ``results.json`` recomputed from its counts at another confidence level.
+
+    The confidence is split over the bound's ``tests`` as it was originally (Bonferroni).
+    """
+    counts, delta = bound["counts"], float(bound["delta"])
+    beta = (1.0 - confidence) / int(bound.get("tests", 1))
+    method = bound["method"]
+    if method == "one-run":
+        return one_run_epsilon_lower_bound(
+            counts["canaries"], counts["guesses"], counts["correct"], delta=delta, beta=beta
+        )
+    if method == "f-dp-one-run":
+        return fdp_one_run_epsilon(
+            counts["canaries"], counts["guesses"], counts["correct"], delta=delta, beta=beta
+        )
+    if method == "clopper-pearson":
+        return epsilon_lower_bound(
+            counts["fp"], counts["negatives"], counts["fn"], counts["positives"], delta=delta, alpha=beta
+        )
+    if method == "gdp-estimate":
+        mu = gdp_mu_lower_bound(
+            counts["fp"], counts["negatives"], counts["fn"], counts["positives"], alpha=beta
+        )
+        return gdp_epsilon(mu, delta)
+    raise ValueError(f"unknown bound method {method!r}; known: {', '.join(METHODS)}")
+
+
+# --- choosing guesses and thresholds without the audited labels ------------------------------
+
+
+def _validate(scores: Any, included: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64)
+    inc = np.asarray(included)
+    if s.ndim != 1 or inc.shape != s.shape:
+        raise ValueError(
+            f"{what}: scores and included must be 1-D of equal length, got {s.shape}, {inc.shape}"
+        )
+    if inc.dtype != bool:
+        if not np.isin(inc, (0, 1)).all():
+            raise ValueError(f"{what}: included must be boolean (or 0/1)")
+        inc = inc.astype(bool)
+    if not np.isfinite(s).all():
+        raise ValueError(f"{what}: {int((~np.isfinite(s)).sum())} scores are NaN or infinite")
+    if inc.all() or not inc.any():
+        raise ValueError(f"{what}: need included and excluded canaries, got {int(inc.sum())} of {len(inc)}")
+    return s, inc
+
+
+def _ranking(s: np.ndarray) -> np.ndarray:
+    """Indices by descending score; ties broken by position (an order blind to the labels)."""
+    return np.argsort(-s, kind="stable")
+
+
+def _guess_counts(order: np.ndarray, inc: np.ndarray, k_in: int, k_out: int) -> tuple[int, int]:
+    """(guesses, correct) when the top ``k_in`` of ``order`` are guessed IN, the bottom ``k_out`` OUT."""
+    top, bottom = order[:k_in], order[len(order) - k_out :] if k_out else order[:0]
+    return k_in + k_out, int(inc[top].sum()) + int((~inc[bottom]).sum())
+
+
+def _k(fraction: float, m: int) -> int:
+    return max(1, min(m, round(fraction * m)))
+
+
+def _threshold_candidates(s: np.ndarray) -> np.ndarray:
+    """Distinct score values, thinned to at most THRESHOLD_CANDIDATES (all of both tails kept)."""
+    u = np.unique(s)
+    if len(u) <= THRESHOLD_CANDIDATES:
+        return u
+    tail = THRESHOLD_CANDIDATES // 4
+    middle = np.quantile(u[tail:-tail], np.linspace(0, 1, THRESHOLD_CANDIDATES - 2 * tail))
+    return np.unique(np.concatenate([u[:tail], middle, u[-tail:]]))
+
+
+def _threshold_counts(s: np.ndarray, inc: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, ...]:
+    """fp, negatives, fn, positives for "IN iff score >= t" at every threshold t."""
+    pos, neg = np.sort(s[inc]), np.sort(s[~inc])
+    fn = np.searchsorted(pos, thresholds, side="left")
+    fp = len(neg) - np.searchsorted(neg, thresholds, side="left")
+    return fp, len(neg), fn, len(pos)
+
+
+def _cp_vector(fp: np.ndarray, n0: int, fn: np.ndarray, p: int, delta: float, alpha: float) -> np.ndarray:
+    """Vectorised ``epsilon_lower_bound`` (both directions), for choosing thresholds."""
+    fpr_u = np.where(fp >= n0, 1.0, stats.beta.ppf(1 - alpha / 2, fp + 1, np.maximum(n0 - fp, 1)))
+    fnr_u = np.where(fn >= p, 1.0, stats.beta.ppf(1 - alpha / 2, fn + 1, np.maximum(p - fn, 1)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.log(np.clip(1 - delta - fnr_u, 0, None) / fpr_u)
+        b = np.log(np.clip(1 - delta - fpr_u, 0, None) / fnr_u)
+    return np.nan_to_num(np.maximum(np.maximum(a, b), 0.0), nan=0.0, neginf=0.0, posinf=0.0)
+
+
+def _gdp_mu_vector(fp: np.ndarray, n0: int, fn: np.ndarray, p: int, alpha: float) -> np.ndarray:
+    fpr_u = np.where(fp >= n0, 1.0, stats.beta.ppf(1 - alpha / 2, fp + 1, np.maximum(n0 - fp, 1)))
+    fnr_u = np.where(fn >= p, 1.0, stats.beta.ppf(1 - alpha / 2, fn + 1, np.maximum(p - fn, 1)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu = -special.ndtri(fpr_u) - special.ndtri(fnr_u)
+    return np.nan_to_num(np.maximum(mu, 0.0), nan=0.0, neginf=0.0, posinf=0.0)
+
+
+def _best_threshold(
+    scores: Mapping[str, np.ndarray], inc: np.ndarray, criterion: str, delta: float, alpha: float
+) -> tuple[str, float]:
+    """(score name, threshold) maximising the criterion on calibration canaries."""
+    best = ("", math.inf, -1.0)
+    for name, s in scores.items():
+        t = _threshold_candidates(s)
+        fp, n0, fn, p = _threshold_counts(s, inc, t)
+        a = alpha * SELECTION_STRICTNESS
+        value = _cp_vector(fp, n0, fn, p, delta, a) if criterion == "cp" else _gdp_mu_vector(fp, n0, fn, p, a)
+        i = int(np.argmax(value))
+        if value[i] > best[2]:
+            best = (name, float(t[i]), float(value[i]))
+    return best[0], best[1]
+
+
+def _guess_bound(method: str, m: int, r: int, v: int, delta: float, beta: float) -> float:
+    if method == "one-run":
+        return one_run_epsilon_lower_bound(m, r, v, delta=delta, beta=beta)
+    return fdp_one_run_epsilon(m, r, v, delta=delta, beta=beta)
+
+
+def _guess_plans(method: str, m: int, fractions: Sequence[float]) -> list[tuple[float, float]]:
+    """(IN fraction, OUT fraction) pairs tried: one-sided for f-DP, both shapes for one-run."""
+    plans = [(f, 0.0) for f in fractions]
+    if method == "one-run":
+        plans += [(f, f) for f in fractions if f <= 0.25]
+    if method == "f-dp-one-run":
+        plans = [(f, o) for f, o in plans if _k(f, m) <= FDP_MAX_GUESSES]
+    return plans
+
+
+def _calibrated_guesses(
+    method: str, scores: Mapping[str, np.ndarray], inc: np.ndarray, delta: float, beta: float
+) -> tuple[str, float, float]:
+    """(score name, IN fraction, OUT fraction) with the best bound on calibration canaries."""
+    m = len(inc)
+    best = ("", GUESS_FRACTIONS[0], 0.0, -1.0)
+    for name, s in scores.items():
+        order = _ranking(s)
+        for f_in, f_out in _guess_plans(method, m, GUESS_FRACTIONS):
+            k_in, k_out = _k(f_in, m), (_k(f_out, m) if f_out else 0)
+            r, v = _guess_counts(order, inc, k_in, k_out)
+            if v / r <= 0.5 and best[3] >= 0:
+                continue  # no better than a coin: cannot reject epsilon = 0
+            e = _guess_bound(method, m, r, v, delta, beta)
+            if e > best[3]:
+                best = (name, f_in, f_out, e)
+    return best[0], best[1], best[2]
+
+
+def audit_canaries(
+    scores: Mapping[str, Any],
+    included: Any,
+    *,
+    delta: float,
+    confidence: float = 0.95,
+    calibration: tuple[Mapping[str, Any], Any] | None = None,
+    independent: bool = False,
+    methods: Sequence[str] = METHODS,
+) -> list[CanaryBound]:
+    """Every bound of ``methods`` for one canary audit.
+
+    ``scores`` maps a score's name to float[m] for the audited canaries (higher = more likely
+    included; several scores may be offered, e.g. the mechanism's likelihood ratio and a
+    variance statistic); ``included`` is bool[m]. With ``calibration = (scores_c, included_c)``
+    (the same score names, other canaries of the same run) the score, threshold and guess
+    counts are chosen on the calibration canaries and applied once to the audited ones, so
+    each bound uses all m audited canaries at full confidence. Without calibration, guesses
+    come from a fixed grid with the confidence split over it (Bonferroni), thresholds from a
+    random half of the canaries, and only the first score is used. ``independent`` says the
+    canaries are independent trials (needed by Clopper-Pearson, which is skipped otherwise).
+    """
+    if not (0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not (0.5 < confidence < 1):
+        raise ValueError(f"confidence must be in (0.5, 1), got {confidence}")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown bound method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    if not scores:
+        raise ValueError("no scores given")
+    first = next(iter(scores))
+    audited = {}
+    for name, s in scores.items():
+        audited[name], inc = _validate(s, included, f"audited canaries ({name})")
+    cal: dict[str, np.ndarray] | None = None
+    if calibration is not None:
+        cal_scores, cal_inc_raw = calibration
+        if set(cal_scores) != set(scores):
+            raise ValueError(
+                f"calibration scores {sorted(cal_scores)} differ from the audited {sorted(scores)}"
+            )
+        cal = {}
+        for name, s in cal_scores.items():
+            cal[name], cal_inc = _validate(s, cal_inc_raw, f"calibration canaries ({name})")
+    beta = 1.0 - confidence
+    m = len(inc)
+    out: list[CanaryBound] = []
+    for method in methods:
+        if method in ("one-run", "f-dp-one-run"):
+            out.append(
+                _guess_method(method, audited, inc, cal, cal_inc if cal else None, m, delta, beta, confidence)
+            )
+        elif method == "clopper-pearson" and not independent:
+            continue
+        else:
+            out.append(
+                _threshold_method(
+                    method, audited, inc, cal, cal_inc if cal else None, delta, beta, confidence, first
+                )
+            )
+    return out
+
+
+def _guess_method(method, audited, inc, cal, cal_inc, m, delta, beta, confidence) -> CanaryBound:
+    if cal is not None:
+        name, f_in, f_out = _calibrated_guesses(method, cal, cal_inc, delta, beta)
+        plans, tests, selection = [(f_in, f_out)], 1, "guess counts chosen on calibration canaries"
+        names = [name]
+    else:
+        plans = _guess_plans(method, m, BONFERRONI_FRACTIONS)
+        tests = len(plans)
+        selection = f"best of {tests} fixed guess counts, confidence split over them (Bonferroni)"
+        names = [next(iter(audited))]
+    best: tuple[float, str, int, int, int, int] = (-1.0, names[0], 0, 0, 1, 0)
+    for name in names:
+        order = _ranking(audited[name])
+        for f_in, f_out in plans:
+            k_in, k_out = _k(f_in, m), (_k(f_out, m) if f_out else 0)
+            r, v = _guess_counts(order, inc, k_in, k_out)
+            e = _guess_bound(method, m, r, v, delta, beta / tests)
+            if e > best[0]:
+                best = (e, name, k_in, k_out, r, v)
+    e, name, k_in, k_out, r, v = best
+    return CanaryBound(
+        method=method,
+        epsilon_lb=e,
+        confidence=confidence,
+        delta=delta,
+        valid=method == "one-run",
+        assumptions=ASSUMPTIONS[method],
+        selection=selection,
+        score=name,
+        counts={"canaries": m, "guesses": r, "correct": v, "guessed_in": k_in, "guessed_out": k_out},
+        tests=tests,
+        ceiling=_guess_bound(method, m, r, r, delta, beta / tests),
+    )
+
+
+def _threshold_method(method, audited, inc, cal, cal_inc, delta, beta, confidence, first) -> CanaryBound:
+    criterion = "cp" if method == "clopper-pearson" else "gdp"
+    if cal is not None:
+        name, t = _best_threshold(cal, cal_inc, criterion, delta, beta)
+        s, ev_inc = audited[name], inc
+        selection = "threshold chosen on calibration canaries"
+    else:
+        name = first
+        rng = np.random.default_rng(0)
+        pick = np.zeros(len(inc), dtype=bool)
+        for group in (np.flatnonzero(inc), np.flatnonzero(~inc)):
+            pick[rng.permutation(group)[: len(group) // 2]] = True
+        s_all = audited[name]
+        _, t = _best_threshold({name: s_all[pick]}, inc[pick], criterion, delta, beta)
+        s, ev_inc = s_all[~pick], inc[~pick]
+        selection = "threshold chosen on a random half of the canaries, evaluated on the other half"
+    pred = s >= t
+    fp, n0 = int((pred & ~ev_inc).sum()), int((~ev_inc).sum())
+    fn, p = int((~pred & ev_inc).sum()), int(ev_inc.sum())
+    counts = {"fp": fp, "negatives": n0, "fn": fn, "positives": p}
+    if method == "clopper-pearson":
+        e = epsilon_lower_bound(fp, n0, fn, p, delta=delta, alpha=beta)
+        ceiling, extra = epsilon_lower_bound(0, n0, 0, p, delta=delta, alpha=beta), {}
+    else:
+        mu = gdp_mu_lower_bound(fp, n0, fn, p, alpha=beta)
+        e = gdp_epsilon(mu, delta)
+        ceiling, extra = None, {"mu_lb": mu}
+    return CanaryBound(
+        method=method,
+        epsilon_lb=e,
+        confidence=confidence,
+        delta=delta,
+        valid=method == "clopper-pearson",
+        assumptions=ASSUMPTIONS[method],
+        selection=selection,
+        score=name,
+        counts=counts,
+        ceiling=ceiling,
+        extra={**extra, "threshold": float(t)},
+    )
