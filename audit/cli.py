@@ -55,9 +55,14 @@ def _mechanism_fields() -> dict[str, tuple[type, set[str]]]:
     return out
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, help="dataset id (see 'mia-audit datasets')")
+    if default is None:
+        g.add_argument("--dataset", required=True, help="dataset id (see 'mia-audit datasets')")
+    else:
+        g.add_argument(
+            "--dataset", default=default, help=f"dataset id (see 'mia-audit datasets'; default {default})"
+        )
     g.add_argument("--data-root", help="folder holding torchvision datasets")
     g.add_argument("--download", action="store_true", help="download torchvision datasets to --data-root")
     g.add_argument("--label-column", help="label column of a csv:PATH dataset")
@@ -83,15 +88,20 @@ def _data_options(args: argparse.Namespace) -> DataOptions:
     )
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    _add_data_args(p)
+def _add_train_args(p: argparse.ArgumentParser, *, canary: bool = False) -> None:
+    _add_data_args(p, "mnist5k" if canary else None)
     g = p.add_argument_group("model and training")
-    g.add_argument(
-        "--model", required=True, help="model name (see 'mia-audit models') or package.module:factory"
-    )
-    g.add_argument(
-        "--mechanism", default="sgd", help="training mechanism (see 'mia-audit mechanisms'; default sgd)"
-    )
+    model_help = "model name (see 'mia-audit models') or package.module:factory"
+    if canary:
+        g.add_argument("--model", default="cnn", help=model_help + " (default cnn)")
+        g.add_argument(
+            "--mechanism", required=True, help="gradient mechanism to audit (see 'mia-audit mechanisms')"
+        )
+    else:
+        g.add_argument("--model", required=True, help=model_help)
+        g.add_argument(
+            "--mechanism", default="sgd", help="training mechanism (see 'mia-audit mechanisms'; default sgd)"
+        )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "progress":
@@ -209,12 +219,12 @@ def _print_results(results: dict, out: Path) -> None:
     print(f"wrote {out / 'results.json'}")
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainRequest, check_output_dir, train_target
+def _train_request(args: argparse.Namespace, canaries: Any = None):
+    """The training request of ``train`` and ``canary`` (after the output folder is checked)."""
+    from .train import TrainRequest, check_output_dir
 
-    get_mechanism(args.mechanism)  # fail fast on an unknown name
     check_output_dir(args.out, args.overwrite)
-    request = TrainRequest(
+    return TrainRequest(
         dataset=args.dataset,
         model=args.model,
         mechanism=args.mechanism,
@@ -223,8 +233,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,
+        canaries=canaries,
     )
-    meta = train_target(request, args.out)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import train_target
+
+    get_mechanism(args.mechanism)  # fail fast on an unknown name
+    meta = train_target(_train_request(args), args.out)
+    _print_trained(meta, Path(args.out))
+    return EXIT_OK
+
+
+def _print_trained(meta: dict[str, Any], out: Path) -> None:
     privacy = meta["privacy"]
     if privacy["formal"]:
         eps = f"epsilon={privacy['epsilon']:.4g} (delta={privacy['delta']:g}, {privacy['accountant']})"
@@ -233,8 +255,131 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(
         f"trained {meta['model']} with {meta['mechanism']} on {meta['dataset']['id']}: "
         f"train accuracy {meta['train_accuracy']:.4f}, held-out accuracy {meta['test_accuracy']:.4f} "
-        f"({meta['test_split']}), {eps}, {meta['train_seconds']:.1f}s -> {args.out}"
+        f"({meta['test_split']}), {eps}, {meta['train_seconds']:.1f}s -> {out}"
     )
+
+
+def _add_canary_args(p: argparse.ArgumentParser) -> None:
+    from .canary import DEFAULT_COUNT, THREAT_MODELS
+
+    g = p.add_argument_group("canary audit")
+    g.add_argument(
+        "--canaries",
+        type=int,
+        default=DEFAULT_COUNT,
+        help=f"gradient canaries planted, calibration ones included (default {DEFAULT_COUNT:,})",
+    )
+    g.add_argument(
+        "--threat-model",
+        default="all",
+        choices=[*THREAT_MODELS, "all"],
+        help="what the auditor sees: every privatised step, or the final weights (default all)",
+    )
+    g.add_argument(
+        "--canary-norm", type=float, default=10.0, help="canary gradient norm in clipping norms (default 10)"
+    )
+    g.add_argument(
+        "--calibration",
+        type=float,
+        default=0.25,
+        help="share of canaries that only choose thresholds and guess counts (default 0.25)",
+    )
+    g.add_argument("--confidence", type=float, default=0.95, help="confidence of every bound (default 0.95)")
+
+
+def _canary_settings(args: argparse.Namespace):
+    from .canary import THREAT_MODELS, CanarySettings
+
+    if args.canaries < 1:
+        raise UsageError(f"--canaries must be at least 100, got {args.canaries}")
+    models = THREAT_MODELS if args.threat_model == "all" else (args.threat_model,)
+    try:
+        return CanarySettings(
+            count=args.canaries,
+            norm=args.canary_norm,
+            calibration=args.calibration,
+            threat_models=models,
+            confidence=args.confidence,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def _print_canary_audits(target: dict[str, Any]) -> None:
+    audits = target.get("canary_audits", [])
+    if not audits:
+        return
+    first = audits[0]
+    print(
+        f"canary audit: {first['m'] + first['calibration_canaries']:,} {first['canary_kind']} canaries "
+        f"({first['m']:,} audited, {first['calibration_canaries']:,} calibrating), {first['steps']} released steps"
+    )
+    print(f"{'threat model':18s} {'method':16s} {'eps_lb':>7s} {'valid':>6s} {'conf.':>6s}  counts")
+    for audit in audits:
+        for b in audit["bounds"]:
+            counts = ", ".join(f"{k}={v}" for k, v in b["counts"].items())
+            flag = " (ceiling)" if b.get("saturated") else ""
+            print(
+                f"{audit['threat_model']:18s} {b['method']:16s} {b['epsilon_lb']:7.3f} "
+                f"{'yes' if b['valid'] else 'no':>6s} {b['confidence']:6.1%}  {counts}{flag}"
+            )
+    eps = first.get("accountant_epsilon")
+    best = max(audits, key=lambda a: a["strongest_valid"]["epsilon_lb"])
+    sv = best["strongest_valid"]
+    text = f"strongest valid bound {sv['epsilon_lb']:.3f} ({sv['method']}, {best['threat_model']})"
+    if eps is None:
+        print(text + "; the mechanism states no epsilon")
+    elif sv["epsilon_lb"] > eps:
+        kind = "accountant's" if first.get("formal") else "stated (not formal)"
+        print(
+            text + f" EXCEEDS the {kind} epsilon {eps:.4g}: a privacy bug or a wrong accounting "
+            "(see 'mia-audit gate' for the check at the gate's confidence)"
+        )
+    else:
+        print(
+            text
+            + f" <= epsilon {eps:.4g}"
+            + (" (accountant)" if first.get("formal") else " (stated, not formal)")
+        )
+
+
+def _cmd_canary(args: argparse.Namespace) -> int:
+    from .attack import results_document, target_id
+    from .canary import audits_for_checkpoint
+    from .data import load_dataset
+    from .files import write_json
+    from .pipeline import render_report
+    from .train import train_target
+
+    mechanism = get_mechanism(args.mechanism)
+    if not mechanism.gradient_canaries:
+        supported = [n for n in mechanism_names() if get_mechanism(n).gradient_canaries]
+        raise UsageError(
+            f"mechanism {args.mechanism!r} has no gradient to plant canaries in; white-box canary audits "
+            f"support: {', '.join(supported)}"
+        )
+    request = _train_request(args, _canary_settings(args))
+    out = Path(args.out)
+    meta = train_target(request, out)
+    _print_trained(meta, out)
+    data = load_dataset(args.dataset, _data_options(args))
+    privacy = meta["privacy"]
+    entry = {
+        "id": target_id(meta),
+        "mechanism": meta["mechanism"],
+        "model": meta["model"],
+        "privacy": {k: privacy.get(k) for k in ("epsilon", "delta", "accountant", "formal", "note")},
+        "test_accuracy": meta["test_accuracy"],
+        "train_accuracy": meta["train_accuracy"],
+        "references": 0,
+        "queries": 0,
+        "attacks": {},
+        "canary_audits": audits_for_checkpoint(out, meta, delta=1e-5),
+    }
+    results = results_document(data, meta["dataset"]["options"], args.seed, [entry])
+    write_json(out / "results.json", results)
+    _print_canary_audits(entry)
+    print(f"wrote {out / 'results.json'} and {render_report(out, data=data)}")
     return EXIT_OK
 
 
@@ -298,7 +443,7 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     import shutil
 
     from .files import write_text
-    from .gate import compare, junit_xml, load_gate_limits
+    from .gate import accountant_checks, compare, junit_xml, load_gate_limits
 
     def read(path: str, what: str) -> dict:
         try:
@@ -308,12 +453,21 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 
     current = read(args.results, "results")
     if args.update_baseline:
+        if not args.baseline:
+            raise UsageError("--update-baseline needs --baseline FILE")
         if current.get("schema") != "mia-audit/results/v1":
             raise GateError(f"{args.results} is not a mia-audit results file")
         shutil.copyfile(args.results, args.baseline)
         print(f"baseline {args.baseline} updated from {args.results}")
         return EXIT_OK
-    checks = compare(current, read(args.baseline, "baseline"), load_gate_limits(args.config))
+    checks = accountant_checks(current)
+    if args.baseline:
+        checks += compare(current, read(args.baseline, "baseline"), load_gate_limits(args.config))
+    if not checks:
+        raise GateError(
+            f"nothing to check in {args.results}: no baseline given and no valid epsilon bound of a target "
+            "with a formal epsilon (pass --baseline, or audit a private mechanism)"
+        )
     if args.junit:
         write_text(args.junit, junit_xml(checks))
     failed = [c for c in checks if not c.passed]
@@ -354,6 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress output")
     train = sub.add_parser("train", help="train one target model on a random half of a dataset")
     _add_train_args(train)
+    canary = sub.add_parser(
+        "canary",
+        help="audit a mechanism's privatisation white-box: train with gradient canaries, bound epsilon",
+        description="Train a target with gradient canaries riding along (the model's weights are the "
+        "same as without them) and turn what the canaries recorded into empirical epsilon lower "
+        "bounds (one-run, f-DP one-run, Clopper-Pearson, and a Gaussian-DP estimate), to compare "
+        "with the mechanism's accountant.",
+    )
+    _add_train_args(canary, canary=True)
+    _add_canary_args(canary)
     attack = sub.add_parser("attack", help="attack a trained target with membership inference")
     attack.add_argument("--target", required=True, help="checkpoint directory written by 'mia-audit train'")
     _add_attack_args(attack)
@@ -369,9 +533,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attack_args(audit)
     report = sub.add_parser("report", help="re-render report.html and summary.md of a run directory")
     report.add_argument("run_dir")
-    gate = sub.add_parser("gate", help="exit 1 when leakage grew beyond a baseline")
+    gate = sub.add_parser(
+        "gate",
+        help="exit 1 when leakage grew beyond a baseline, or a valid bound exceeds an accountant's epsilon",
+    )
     gate.add_argument("results", help="results.json of the new run")
-    gate.add_argument("--baseline", required=True, help="baseline results.json")
+    gate.add_argument(
+        "--baseline",
+        help="baseline results.json (without one, only the checks against the accountants' epsilons run)",
+    )
     gate.add_argument("--config", help="configuration whose [gate] table sets absolute limits and the margin")
     gate.add_argument("--junit", help="write a JUnit XML file, one test case per check")
     gate.add_argument(
@@ -385,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
 _COMMANDS = {
     "run": _cmd_run,
     "train": _cmd_train,
+    "canary": _cmd_canary,
     "attack": _cmd_attack,
     "audit": _cmd_audit,
     "report": _cmd_report,

@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .canary import CanarySettings
+
 __all__ = ["GateLimits", "MechanismSpec", "RunConfig", "load_config", "preset_names"]
 
 
@@ -63,6 +65,7 @@ class RunConfig:
     device: str = "auto"
     mechanisms: tuple[MechanismSpec, ...] = ()
     gate: GateLimits = field(default_factory=GateLimits)
+    canaries: CanarySettings = field(default_factory=lambda: CanarySettings(count=0))
     source: str = ""
 
     def to_toml(self) -> str:
@@ -95,6 +98,16 @@ class RunConfig:
                 lines.append(
                     "options = { " + ", ".join(f"{k} = {_toml(v)}" for k, v in m.options.items()) + " }"
                 )
+        c = self.canaries
+        lines += [
+            "",
+            "[canaries]",
+            f"count = {c.count}",
+            f"norm = {c.norm}",
+            f"calibration = {c.calibration}",
+            f"threat_models = {_toml(list(c.threat_models))}",
+            f"confidence = {c.confidence}",
+        ]
         g = self.gate
         lines += ["", "[gate]", f"epsilon_margin = {g.epsilon_margin}"]
         if g.max_auc is not None:
@@ -145,7 +158,7 @@ def _read(path: str | None, preset: str | None) -> tuple[dict[str, Any], str]:
 def load_config(path: str | None = None, *, preset: str | None = None) -> RunConfig:
     """Parse a TOML file (or a shipped preset; default ``quick``) into a :class:`RunConfig`."""
     raw, source = _read(path, preset)
-    _take(raw, {"seed", "data", "target", "attack", "mechanisms", "gate"}, source)
+    _take(raw, {"seed", "data", "target", "attack", "mechanisms", "gate", "canaries"}, source)
     data = dict(
         _take(
             raw.get("data", {}),
@@ -179,6 +192,14 @@ def load_config(path: str | None = None, *, preset: str | None = None) -> RunCon
         )
     if not mechs:
         raise ValueError(f"{source}: no [[mechanisms]] to run")
+    canary_raw = _take(
+        raw.get("canaries", {}), {f.name for f in fields(CanarySettings)}, f"{source} [canaries]"
+    )
+    try:
+        # a [canaries] table turns the audit on (default count); without one it is off
+        canaries = CanarySettings(**canary_raw) if "canaries" in raw else CanarySettings(count=0)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source} [canaries]: {err}") from err
     gate_raw = _take(raw.get("gate", {}), {f.name for f in fields(GateLimits)}, f"{source} [gate]")
     gate = GateLimits(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in gate_raw.items()})
     from attacks import attack_names
@@ -199,5 +220,6 @@ def load_config(path: str | None = None, *, preset: str | None = None) -> RunCon
         device=attack.get("device", "auto"),
         mechanisms=tuple(mechs),
         gate=gate,
+        canaries=canaries,
         source=source,
     )

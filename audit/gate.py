@@ -6,6 +6,12 @@ point estimate merely above the baseline's interval happens by chance about 8% o
 metric, too often for a gate with dozens of checks). The epsilon lower bound, which has no
 interval, fails when it exceeds the baseline's by more than ``epsilon_margin``. Absolute
 limits from the ``[gate]`` table fail whenever exceeded.
+
+Independently of any baseline, every *valid* empirical epsilon lower bound of a target with a
+formal epsilon (canary audits, and the attacks' Clopper-Pearson bounds) is recomputed from its
+counts at confidence ``1 - 0.01 / K`` (K: the number of such bounds in the results, a
+Bonferroni split) and fails when it exceeds the accountant's epsilon: a correct implementation
+trips this at most 1% of the time per run, so a failure means a DP bug or a wrong accounting.
 """
 
 from __future__ import annotations
@@ -18,7 +24,18 @@ from xml.sax.saxutils import quoteattr
 
 from .config import GateLimits
 
-__all__ = ["Check", "GateError", "compare", "junit_xml", "load_gate_limits"]
+__all__ = [
+    "FALSE_ALARM_RATE",
+    "Check",
+    "GateError",
+    "accountant_checks",
+    "compare",
+    "junit_xml",
+    "load_gate_limits",
+]
+
+# The probability with which a correct run may fail the accountant checks.
+FALSE_ALARM_RATE = 0.01
 
 
 class GateError(ValueError):
@@ -53,6 +70,66 @@ def _index(results: dict[str, Any], what: str) -> dict[tuple[str, str], dict[str
     if results.get("schema") != "mia-audit/results/v1":
         raise GateError(f"{what} is not a mia-audit results file (schema {results.get('schema')!r})")
     return {(t["id"], a): m for t in results["targets"] for a, m in t["attacks"].items()}
+
+
+def _valid_bounds(target: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(where, method, bound json with counts) of every valid bound of one target."""
+    out = []
+    for name, m in target.get("attacks", {}).items():
+        d = m.get("epsilon_lb_details") or {}
+        if {"fp", "negatives", "fn", "positives", "delta"} <= set(d):
+            counts = {k: int(d[k]) for k in ("fp", "negatives", "fn", "positives")}
+            out.append(
+                (
+                    f"attack {name}",
+                    "clopper-pearson",
+                    {"method": "clopper-pearson", "counts": counts, "delta": d["delta"], "tests": 1},
+                )
+            )
+    for audit in target.get("canary_audits", []):
+        for b in audit.get("bounds", []):
+            if b.get("valid"):
+                out.append((f"{audit['threat_model']} canaries (m={audit['m']})", b["method"], b))
+    return out
+
+
+def accountant_checks(results: dict[str, Any]) -> list[Check]:
+    """Every valid bound of every formal target against its accountant's epsilon.
+
+    Each bound is recomputed from its counts at confidence ``1 - FALSE_ALARM_RATE / K`` (K
+    bounds in all), so a correct run fails with probability at most ``FALSE_ALARM_RATE``.
+    """
+    from attacks.bounds import recompute_epsilon
+
+    if results.get("schema") != "mia-audit/results/v1":
+        raise GateError(f"results is not a mia-audit results file (schema {results.get('schema')!r})")
+    pending = []
+    for t in results.get("targets", []):
+        privacy = t.get("privacy") or {}
+        eps = privacy.get("epsilon")
+        if not privacy.get("formal") or eps is None:
+            continue
+        pending += [(t["id"], float(eps), *b) for b in _valid_bounds(t)]
+    if not pending:
+        return []
+    confidence = 1.0 - FALSE_ALARM_RATE / len(pending)
+    checks = []
+    for tid, eps, where, method, bound in pending:
+        value = recompute_epsilon(bound, confidence)
+        above = value > eps
+        msg = (
+            f"{method} bound from {where} is {value:.3f} at {confidence:.4%} confidence "
+            f"(delta {float(bound['delta']):g}; {len(pending)} bounds share a {FALSE_ALARM_RATE:.0%} false-alarm "
+            f"rate), accountant's epsilon {eps:.4g}"
+        )
+        if above:
+            msg += (
+                f": ABOVE it by {value - eps:.3f}. A valid lower bound cannot exceed a correct accountant's "
+                "epsilon except with that small probability: the mechanism's implementation leaks more than it "
+                "accounts for (a DP bug), or its epsilon is computed for a different mechanism"
+            )
+        checks.append(Check(tid, where, f"accountant:{method}", not above, msg))
+    return checks
 
 
 def compare(current: dict[str, Any], baseline: dict[str, Any], limits: GateLimits) -> list[Check]:

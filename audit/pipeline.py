@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from mechanisms import get_mechanism
 from reports import TargetArrays, render_html, render_markdown
 
 from .attack import AttackRequest, attack_checkpoint, load_results, results_document
+from .canary import audits_for_checkpoint
 from .checkpoint import load_checkpoint
 from .config import RunConfig
 from .data import DataOptions, Dataset, load_dataset
@@ -78,7 +80,12 @@ def run(
     plan = _targets(config)
     for k, (tid, mechanism, options, model) in enumerate(plan, 1):
         tdir = out / "targets" / tid
-        if not (tdir / "model.json").is_file():
+        canaries = (
+            config.canaries
+            if config.canaries.enabled and get_mechanism(mechanism).gradient_canaries
+            else None
+        )
+        if not (tdir / "model.json").is_file() or not _has_canaries(tdir, canaries):
             logger.info("[%d/%d] training target %s", k, len(plan), tid)
             if progress:
                 print(f"[{k}/{len(plan)}] training target {tid}", flush=True)
@@ -92,6 +99,7 @@ def run(
                     seed=config.seed,
                     device=config.device,
                     progress=progress,
+                    canaries=canaries,
                 ),
                 tdir,
             )
@@ -100,22 +108,35 @@ def run(
         ck = load_checkpoint(tdir)
         if progress:
             print(f"[{k}/{len(plan)}] attacking target {tid}", flush=True)
-        entries.append(
-            attack_checkpoint(
-                ck.meta,
-                ck.state_dict,
-                ck.keep,
-                data,
-                target_dir=tdir,
-                references_dir=out / "references" / tid,
-                request=request,
-                tid=tid,
-            )
+        entry = attack_checkpoint(
+            ck.meta,
+            ck.state_dict,
+            ck.keep,
+            data,
+            target_dir=tdir,
+            references_dir=out / "references" / tid,
+            request=request,
+            tid=tid,
         )
+        if canaries is not None:
+            entry["canary_audits"] = audits_for_checkpoint(tdir, ck.meta, delta=config.delta)
+        entries.append(entry)
     results = results_document(data, data_opts.to_json(), config.seed, entries)
     write_json(out / "results.json", results)
     render_report(out, data=data)
     return results
+
+
+def _has_canaries(tdir: Path, wanted: Any) -> bool:
+    """Whether a trained target carries the canary audit the configuration asks for (a target
+    trained without canaries, or with other settings, is trained again)."""
+    if wanted is None:
+        return True
+    import json
+
+    meta = json.loads((tdir / "model.json").read_text(encoding="utf-8"))
+    have = meta.get("canaries") or {}
+    return all(have.get(k) == v for k, v in wanted.to_json().items()) and (tdir / "canaries.npz").is_file()
 
 
 def _arrays(run_dir: Path, tid: str) -> TargetArrays | None:

@@ -16,6 +16,7 @@ import mechanisms
 from mechanisms import build_model, config_from_mapping, get_mechanism
 from mechanisms.training import accuracy
 
+from .canary import CanarySettings, make_canaries, save_record
 from .checkpoint import save_checkpoint
 from .data import DataOptions, Dataset, load_dataset
 
@@ -45,6 +46,7 @@ class TrainRequest:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    canaries: CanarySettings | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,6 +89,7 @@ class Fitted:
     result: Any  # mechanisms.TrainResult
     seconds: float
     config: Any  # the mechanism's TrainConfig built from the options
+    canaries: Any = None  # mechanisms.canaries.CanaryRecord when canaries rode along
 
 
 def fit(
@@ -100,10 +103,13 @@ def fit(
     train_seed: int,
     device: torch.device,
     progress: bool = False,
+    canaries: Any = None,
 ) -> Fitted:
     """Build ``model_name``, train it with ``mechanism_name`` on ``data[members]``.
 
-    The one code path for targets and reference models: same recipe, same maths.
+    The one code path for targets and reference models: same recipe, same maths. With
+    ``canaries`` (a ``GradientCanaries``; the mechanism must support them) a white-box canary
+    audit rides along; the model's weights are the same as without.
     """
     mechanism = get_mechanism(mechanism_name)
     config = config_from_mapping(mechanism.config_type, {**options, "progress": progress})
@@ -116,11 +122,17 @@ def fit(
     generator.manual_seed(train_seed)
     mask = torch.from_numpy(np.asarray(members, dtype=bool))
     x, y = data.x[mask].to(device), data.y[mask].to(device)
+    if canaries is not None and not mechanism.gradient_canaries:
+        raise ValueError(
+            f"mechanism {mechanism_name!r} has no gradient to plant canaries in (white-box canaries need a "
+            "gradient mechanism); audit it black-box instead"
+        )
+    extra = {"canaries": canaries} if canaries is not None else {}
     start = time.perf_counter()
-    result = mechanism.train(model, x, y, config=config, generator=generator)
+    result = mechanism.train(model, x, y, config=config, generator=generator, **extra)
     seconds = time.perf_counter() - start
     model.load_state_dict(result.state_dict)
-    return Fitted(model, result, seconds, config)
+    return Fitted(model, result, seconds, config, canaries.result() if canaries is not None else None)
 
 
 def heldout_accuracy(
@@ -177,6 +189,9 @@ def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
     device = resolve_device(request.device)
     keep_seq, init_seed, train_seed = seeds(request.seed)
     keep = half_mask(data.population, np.random.default_rng(keep_seq))
+    planted = None
+    if request.canaries is not None and request.canaries.enabled:
+        planted = make_canaries(request.canaries, request.seed, device)
     fitted = fit(
         data,
         model_name=request.model,
@@ -187,6 +202,7 @@ def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
         train_seed=train_seed,
         device=device,
         progress=request.progress,
+        canaries=planted,
     )
     model, result, config = fitted.model, fitted.result, fitted.config
     members = torch.from_numpy(keep)
@@ -223,5 +239,8 @@ def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
             "mia_audit": getattr(mechanisms, "__version__", "0.1.0"),
         },
     }
+    if fitted.canaries is not None:
+        assert request.canaries is not None
+        meta["canaries"] = {**request.canaries.to_json(), **save_record(out, fitted.canaries)}
     save_checkpoint(out, result.state_dict, meta, keep)
     return meta

@@ -119,7 +119,8 @@ class Mechanism:
     for evaluation or attack. ``eval_passes(config)`` is the number of stochastic forward
     passes whose softmax is averaged for predictions (1 for deterministic models), and
     ``stochastic(config)`` says whether inference is random (then attack queries are repeated
-    passes instead of augmentations).
+    passes instead of augmentations). ``gradient_canaries`` says that ``train`` accepts a
+    ``canaries=`` argument (mechanisms.canaries) and threads it through its privatisation.
     """
 
     name: str
@@ -130,6 +131,7 @@ class Mechanism:
     prepare: Callable[[nn.Module, TrainConfig, int], nn.Module] | None = None
     stochastic: Callable[[TrainConfig], bool] = lambda config: False
     eval_passes: Callable[[TrainConfig], int] = lambda config: 1
+    gradient_canaries: bool = False
 
     def released(self, model: nn.Module, config: TrainConfig, seed: int = 0) -> nn.Module:
         """The model as this mechanism releases it (see ``prepare``)."""

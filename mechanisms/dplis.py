@@ -22,7 +22,16 @@ import torch
 from torch import nn
 
 from .base import Mechanism, TrainResult
-from .dpsgd import DpSgdConfig, DpSgdPlan, GradientFn, add_noise, refuse_batchnorm, train_private
+from .canaries import CanaryLot, GradientCanaries
+from .dpsgd import (
+    DpSgdConfig,
+    DpSgdPlan,
+    GradientFn,
+    add_noise,
+    privatise_canaries,
+    refuse_batchnorm,
+    train_private,
+)
 from .per_example import Workspace, clip_and_sum, ghost_per_example_grads, ghost_supported, per_example_grads
 from .registry import register_mechanism
 
@@ -72,8 +81,13 @@ def smoothed_noisy_gradient(
     physical_batch_size: int = 1024,
     workspace: Workspace | None = None,
     engine: str = "auto",
+    canaries: CanaryLot | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """DPlis's privatised mean gradient of one lot and the lot's summed (non-private) loss.
+
+    A ``canaries`` lot is privatised as DPlis privatises an example: a canary's gradient does
+    not depend on the parameters, so its ``h`` is K summed over the K samples (or averaged),
+    then clipped, summed and noised by DP-SGD's code.
 
     The K perturbations are drawn first (none when ``smooth_sigma`` is 0, so that the noise
     that follows is DP-SGD's draw for draw), shared by every example and every physical chunk.
@@ -139,6 +153,14 @@ def smoothed_noisy_gradient(
         expected_batch_size=expected_batch_size,
         generator=generator,
     )
+    if canaries is not None:
+        privatise_canaries(
+            canaries,
+            clip_norm=clip_norm,
+            noise_multiplier=noise_multiplier,
+            expected_batch_size=expected_batch_size,
+            norm_multiplier=float(smooth_samples) if reduce == "sum" else 1.0,
+        )
     return total, loss_sum
 
 
@@ -148,7 +170,9 @@ def dplis_gradient(
     """DPlis's privatised gradient of a lot; sigma_s follows the optimizer's current lr."""
     workspace = Workspace()
 
-    def gradient(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+    def gradient(
+        m: nn.Module, xb: torch.Tensor, yb: torch.Tensor, canaries: CanaryLot | None = None
+    ) -> tuple[dict[str, torch.Tensor], float]:
         return smoothed_noisy_gradient(
             m,
             xb,
@@ -163,6 +187,7 @@ def dplis_gradient(
             physical_batch_size=config.physical_batch_size,
             workspace=workspace,
             engine=config.engine,
+            canaries=canaries,
         )
 
     return gradient
@@ -175,8 +200,10 @@ def train_dplis(
     *,
     config: DplisConfig,
     generator: torch.Generator,
+    canaries: GradientCanaries | None = None,
 ) -> TrainResult:
-    """Train with DPlis; privacy accounting identical to DP-SGD's (same DpEvent)."""
+    """Train with DPlis; privacy accounting identical to DP-SGD's (same DpEvent), and so is
+    the law a canary coordinate follows."""
     return train_private(
         model,
         x,
@@ -187,6 +214,7 @@ def train_dplis(
         make_gradient=lambda plan, optimizer: dplis_gradient(config, plan, optimizer, generator),
         note="DPlis (DP-SGD with loss smoothing): the same Poisson-sampled Gaussian event as DP-SGD; "
         "epsilon from dp-accounting",
+        canaries=canaries,
     )
 
 
@@ -197,5 +225,6 @@ DPLIS = register_mechanism(
         train_dplis,
         "DPlis: DP-SGD with randomized smoothing of the loss (formal epsilon, as DP-SGD)",
         validate_model=refuse_batchnorm,
+        gradient_canaries=True,
     )
 )

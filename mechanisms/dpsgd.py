@@ -18,8 +18,10 @@ import torch
 from dp_accounting import DpEvent
 from torch import nn
 
+from . import per_example
 from .accounting import ACCOUNTANTS, calibrate_noise_multiplier, dpsgd_event, epsilon
 from .base import Mechanism, Privacy, TrainConfig, TrainResult
+from .canaries import CanaryLot, GradientCanaries, StepLaw
 from .per_example import Workspace, clipped_grad_sum
 from .registry import register_mechanism
 from .sampling import poisson_lot, steps_per_epoch
@@ -32,9 +34,12 @@ __all__ = [
     "add_noise",
     "dpsgd_epoch",
     "dpsgd_gradient",
+    "dpsgd_law",
     "dpsgd_step",
+    "gaussian_law",
     "noisy_gradient",
     "plan_dpsgd",
+    "privatise_canaries",
     "refuse_batchnorm",
     "train_dpsgd",
     "train_private",
@@ -158,11 +163,14 @@ def noisy_gradient(
     physical_batch_size: int = 1024,
     engine: str = "auto",
     workspace: Workspace | None = None,
+    canaries: CanaryLot | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """The privatised mean gradient of one lot and the lot's summed (non-private) loss.
 
     ``(sum_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / expected_batch_size``, with the sum taken in
-    chunks of at most ``physical_batch_size`` examples. An empty lot yields pure noise.
+    chunks of at most ``physical_batch_size`` examples. An empty lot yields pure noise. A
+    ``canaries`` lot is privatised with the same clip norm, noise multiplier and expected lot
+    size (its noise from the canaries' own generator): see :func:`privatise_canaries`.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total: dict[str, torch.Tensor] = {}
@@ -191,7 +199,54 @@ def noisy_gradient(
         expected_batch_size=expected_batch_size,
         generator=generator,
     )
+    if canaries is not None:
+        privatise_canaries(
+            canaries,
+            clip_norm=clip_norm,
+            noise_multiplier=noise_multiplier,
+            expected_batch_size=expected_batch_size,
+        )
     return total, loss_sum
+
+
+def privatise_canaries(
+    lot: CanaryLot,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    norm_multiplier: float = 1.0,
+) -> None:
+    """DP-SGD's privatisation of a canary lot, through the code real examples go through.
+
+    Each canary's gradient (norm ``norm_multiplier * K``) is scaled by the same clip rule
+    (``per_example.clip_factors``), the clipped gradients are summed onto the block, and
+    ``add_noise`` adds N(0, sigma^2 C^2) per coordinate (from the canaries' generator) and
+    divides by the expected lot size. Sets ``lot.released`` and ``lot.update``.
+    """
+    norms = lot.gradient_norms(clip_norm, norm_multiplier)
+    block = lot.scatter(per_example.clip_factors(norms, clip_norm) * norms)
+    add_noise(
+        {"canaries": block},
+        clip_norm=clip_norm,
+        noise_multiplier=noise_multiplier,
+        expected_batch_size=expected_batch_size,
+        generator=lot.generator,
+    )
+    lot.released = lot.update = block
+
+
+def gaussian_law(
+    *, clip_norm: float, noise_multiplier: float, expected_batch_size: float, sample_rate: float
+) -> StepLaw:
+    """The law DP-SGD claims for one canary coordinate: a clipped canary adds C, the noise has
+    std sigma C, both divided by the expected lot size."""
+    return StepLaw(
+        "gaussian",
+        scale=noise_multiplier * clip_norm / expected_batch_size,
+        shift=clip_norm / expected_batch_size,
+        sample_rate=sample_rate,
+    )
 
 
 def add_noise(
@@ -210,14 +265,20 @@ def add_noise(
     return total
 
 
-GradientFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], float]]
+# (model, x, y, canaries) -> (privatised mean gradient by parameter name, summed loss). A
+# gradient function privatises the canary lot it is given (or None) in the same call.
+GradientFn = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, CanaryLot | None], tuple[dict[str, torch.Tensor], float]
+]
 
 
 def dpsgd_gradient(config: DpSgdConfig, plan: DpSgdPlan, generator: torch.Generator) -> GradientFn:
     """DP-SGD's privatised gradient of a lot, with a workspace shared across steps."""
     workspace = Workspace()
 
-    def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+    def gradient(
+        model: nn.Module, x: torch.Tensor, y: torch.Tensor, canaries: CanaryLot | None = None
+    ) -> tuple[dict[str, torch.Tensor], float]:
         return noisy_gradient(
             model,
             x,
@@ -229,6 +290,7 @@ def dpsgd_gradient(config: DpSgdConfig, plan: DpSgdPlan, generator: torch.Genera
             physical_batch_size=config.physical_batch_size,
             engine=config.engine,
             workspace=workspace,
+            canaries=canaries,
         )
 
     return gradient
@@ -246,18 +308,29 @@ def dpsgd_step(
     gradient: GradientFn,
     generator: torch.Generator,
     at: tuple[int, int],
+    canaries: GradientCanaries | None = None,
+    release: bool = True,
 ) -> tuple[float, int]:
     """One step: a Poisson lot, its privatised gradient, the optimizer and schedule steps.
 
     ``params`` are the model's trainable parameters by name; ``at`` is (epoch, step) for the
     non-finite-loss error. Returns the lot's summed (non-private) loss and its size.
+    ``canaries`` draw their lot with the same sampler and rate (their own generator), are
+    privatised by the same gradient function and stepped by the same optimizer; the step is
+    recorded as released unless ``release`` is False (the caller then commits or discards it).
     """
     lot = poisson_lot(len(y), plan.sample_rate, generator)
-    grads, loss_sum = gradient(model, x[lot], y[lot])
+    canary_lot = canaries.draw(plan.sample_rate, poisson_lot) if canaries is not None else None
+    grads, loss_sum = gradient(model, x[lot], y[lot], canary_lot)
     if len(lot):
         check_finite(loss_sum, *at)
     for name, g in grads.items():
         params[name].grad = g
+    if canaries is not None:
+        assert canary_lot is not None
+        canaries.record(canary_lot)
+        if release:
+            canaries.commit()
     optimizer.step()
     scheduler.step()
     return loss_sum, len(lot)
@@ -276,6 +349,7 @@ def dpsgd_epoch(
     epoch: int = 1,
     on_step: Callable[[], None] | None = None,
     gradient: GradientFn | None = None,
+    canaries: GradientCanaries | None = None,
 ) -> float:
     """One epoch (``plan.steps / epochs`` Poisson lots) of DP-SGD; returns the mean train loss.
 
@@ -298,6 +372,7 @@ def dpsgd_epoch(
             gradient=gradient,
             generator=generator,
             at=(epoch, step),
+            canaries=canaries,
         )
         total += loss_sum
         count += size
@@ -318,16 +393,21 @@ def train_private(
     note: str = "",
     make_event: Callable[[float, float, int], DpEvent] | None = None,
     extras: dict | None = None,
+    canaries: GradientCanaries | None = None,
+    make_law: Callable[[DpSgdPlan], StepLaw] | None = None,
 ) -> TrainResult:
     """The DP-SGD training loop and accounting, for DP-SGD and mechanisms that reuse both.
 
     ``make_event(sigma, q, steps)`` describes the run for calibration and the final epsilon
-    (default: DP-SGD's Poisson-sampled Gaussian event).
+    (default: DP-SGD's Poisson-sampled Gaussian event). With ``canaries``, ``make_law(plan)``
+    states the per-step law the mechanism claims for a canary coordinate (default: DP-SGD's).
     """
     refuse_batchnorm(model)
     make_event = make_event or (lambda s, q, t: dpsgd_event(noise_multiplier=s, sample_rate=q, steps=t))
     plan = plan_dpsgd(config, len(y), make_event)
-    optimizer = make_optimizer(model, config)
+    if canaries is not None:
+        canaries.law = (make_law or (lambda p: dpsgd_law(config, p)))(plan)
+    optimizer = make_optimizer(model, config, canaries.parameters() if canaries is not None else ())
     scheduler = make_scheduler(optimizer, config, plan.steps)
     gradient = make_gradient(plan, optimizer) if make_gradient else dpsgd_gradient(config, plan, generator)
     history: list[dict[str, float]] = []
@@ -346,6 +426,7 @@ def train_private(
                 epoch=epoch,
                 on_step=lambda: bar.update(1),
                 gradient=gradient,
+                canaries=canaries,
             )
             history.append({"epoch": epoch, "train_loss": loss})
     event = make_event(plan.noise_multiplier, plan.sample_rate, plan.steps)
@@ -367,6 +448,16 @@ def train_private(
     return TrainResult(state, history, event, privacy, dict(extras or {}))
 
 
+def dpsgd_law(config: DpSgdConfig, plan: DpSgdPlan) -> StepLaw:
+    """DP-SGD's claimed per-step law for a canary coordinate (see :func:`gaussian_law`)."""
+    return gaussian_law(
+        clip_norm=config.clip_norm,
+        noise_multiplier=plan.noise_multiplier,
+        expected_batch_size=plan.expected_batch_size,
+        sample_rate=plan.sample_rate,
+    )
+
+
 def train_dpsgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -374,9 +465,13 @@ def train_dpsgd(
     *,
     config: DpSgdConfig,
     generator: torch.Generator,
+    canaries: GradientCanaries | None = None,
 ) -> TrainResult:
-    """Train with DP-SGD; returns the weights, history, DpEvent and the accounted epsilon."""
-    return train_private(model, x, y, config=config, generator=generator, name="dpsgd")
+    """Train with DP-SGD; returns the weights, history, DpEvent and the accounted epsilon.
+
+    ``canaries`` (optional) audit the privatisation white-box, riding along in the same run.
+    """
+    return train_private(model, x, y, config=config, generator=generator, name="dpsgd", canaries=canaries)
 
 
 DPSGD = register_mechanism(
@@ -386,5 +481,6 @@ DPSGD = register_mechanism(
         train_dpsgd,
         "DP-SGD: per-example clipping, Poisson sampling, Gaussian noise (formal epsilon)",
         validate_model=refuse_batchnorm,
+        gradient_canaries=True,
     )
 )

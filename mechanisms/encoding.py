@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from .accounting import dpsgd_event, student_t_noise_multiplier
 from .base import Mechanism, TrainResult
+from .canaries import CanaryLot, GradientCanaries, StepLaw
 from .dpsgd import DpSgdConfig, DpSgdPlan, GradientFn, refuse_batchnorm, train_private
 from .per_example import Workspace, ghost_per_example_grads, ghost_supported, per_example_grads
 from .registry import register_mechanism
@@ -196,6 +197,26 @@ class Encoder:
             noise_multiplier=self.gaussian_equivalent(noise_multiplier), sample_rate=sample_rate, steps=steps
         )
 
+    def canary_value(self, clip_norm: float, norm: float) -> float:
+        """What ``encode`` makes of a canary: its gradient is ``norm * C`` on one coordinate of
+        its own support, so the encoding keeps that coordinate (rank 1), clips and scales it and
+        clamps it to the nearest codeword's first entry."""
+        one = torch.zeros(1, self.k, dtype=self.codebook.dtype)
+        one[0, 0] = norm * clip_norm
+        _, values = encode(one, self.codebook, clip_norm=clip_norm, multiplier=self.config.quant_multiplier)
+        return float(values[0, 0])
+
+    def law(self, plan: DpSgdPlan, norm: float) -> StepLaw:
+        """The per-step law the encoding claims for a canary coordinate (units of the update)."""
+        b = plan.expected_batch_size
+        return StepLaw(
+            self.config.noise,
+            scale=self.noise_scale(plan.noise_multiplier) / b,
+            shift=self.canary_value(self.config.clip_norm, norm) / b,
+            sample_rate=plan.sample_rate,
+            df=self.config.noise_df,
+        )
+
     def gaussian_equivalent(self, noise_multiplier: float) -> float:
         """Student-t: the noise multiplier of the dominating Gaussian (same sensitivity 1)."""
         scale = self.noise_scale(noise_multiplier)
@@ -210,7 +231,9 @@ class Encoder:
         scale = self.noise_scale(plan.noise_multiplier)
         codebook = self.codebook.to(next(iter(params.values())).device)
 
-        def step(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+        def step(
+            m: nn.Module, x: torch.Tensor, y: torch.Tensor, canaries: CanaryLot | None = None
+        ) -> tuple[dict[str, torch.Tensor], float]:
             first = next(iter(params.values()))
             total = torch.zeros(self.dim, device=first.device, dtype=first.dtype)
             loss_sum = 0.0
@@ -244,6 +267,8 @@ class Encoder:
                     threshold=config.distance_threshold,
                     max_scale=config.max_scale,
                 )
+            if canaries is not None:
+                self._privatise_canaries(canaries, scale, plan.expected_batch_size, factor)
             self.steps += 1
             self.skipped += int(factor == 0.0)
             self.scales.append(factor)
@@ -255,6 +280,17 @@ class Encoder:
 
         return step
 
+    def _privatise_canaries(self, lot: CanaryLot, scale: float, expected: float, factor: float) -> None:
+        """A canary lot through the same encoding and noise law (the canaries' own stream); the
+        denoiser's factor, computed from the real coordinates only, rescales the update and not
+        the release (it is post-processing of the release)."""
+        config = self.config
+        block = lot.scatter(self.canary_value(config.clip_norm, lot.norm))
+        seed = int(torch.randint(0, 2**62, (1,), generator=lot.generator, device=lot.generator.device))
+        noise = sample_noise(config.noise, scale, config.noise_df, lot.count, np.random.default_rng(seed))
+        lot.released = (block + torch.from_numpy(noise).to(block)) / expected
+        lot.update = lot.released * factor
+
 
 def train_encoding(
     model: nn.Module,
@@ -263,8 +299,13 @@ def train_encoding(
     *,
     config: EncodingConfig,
     generator: torch.Generator,
+    canaries: GradientCanaries | None = None,
 ) -> TrainResult:
-    """Train with gradient encoding and denoising; epsilon from dp-accounting per noise law."""
+    """Train with gradient encoding and denoising; epsilon from dp-accounting per noise law.
+
+    A gradient canary is one coordinate of the encoded vector: it exercises one coordinate's
+    bound, while the Student-t accounting composes the bounds of all top-k coordinates.
+    """
     dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
     encoder = Encoder(config, dim)
     workspace = Workspace()
@@ -284,6 +325,8 @@ def train_encoding(
         make_event=encoder.event,
         note=f"gradient encoding (top-{encoder.k} of {dim}, codebook of {config.codebook_size} seeded rows): "
         f"{law}; Poisson-sampled event composed in dp-accounting, add/remove-one adjacency",
+        canaries=canaries,
+        make_law=(lambda plan: encoder.law(plan, canaries.norm)) if canaries is not None else None,
     )
     extras = {
         "noise_law": config.noise,
@@ -309,5 +352,6 @@ ENCODING = register_mechanism(
         "Gradient encoding and denoising (Nasr et al.): top-k, codebook clamp, Gaussian/Laplace/"
         "Student-t noise on every coordinate (formal epsilon per law)",
         validate_model=refuse_batchnorm,
+        gradient_canaries=True,
     )
 )

@@ -38,7 +38,16 @@ from torch.nn import functional as F
 
 from .accounting import dpsgd_event, epsilon
 from .base import Mechanism, Privacy, TrainResult
-from .dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_gradient, dpsgd_step, plan_dpsgd, refuse_batchnorm
+from .canaries import GradientCanaries
+from .dpsgd import (
+    DpSgdConfig,
+    DpSgdPlan,
+    dpsgd_gradient,
+    dpsgd_law,
+    dpsgd_step,
+    plan_dpsgd,
+    refuse_batchnorm,
+)
 from .registry import register_mechanism
 from .sampling import poisson_lot, steps_per_epoch
 from .training import make_optimizer, make_scheduler, progress_bar
@@ -128,10 +137,13 @@ class Annealer:
 
 
 class Snapshot:
-    """A copy of a model's state dict and its optimizer's per-parameter state."""
+    """A copy of a model's state dict, its optimizer's per-parameter state and ``extra``
+    tensors that step with the model (an audit's canary block)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, extra: list[torch.Tensor] | None = None
+    ) -> None:
+        self.model, self.optimizer, self.extra = model, optimizer, list(extra or [])
         self.take()
 
     @staticmethod
@@ -140,12 +152,15 @@ class Snapshot:
 
     def take(self) -> None:
         self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.extra_values = [t.detach().clone() for t in self.extra]
         self.state = {p: {k: self._copy(v) for k, v in s.items()} for p, s in self.optimizer.state.items()}
 
     def restore(self) -> None:
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
                 v.copy_(self.weights[k])
+            for t, value in zip(self.extra, self.extra_values, strict=True):
+                t.copy_(value)
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if p in self.state:
@@ -206,8 +221,15 @@ def train_screening(
     *,
     config: ScreeningConfig,
     generator: torch.Generator,
+    canaries: GradientCanaries | None = None,
 ) -> TrainResult:
-    """Train with SA-DPSGD screening; see the module docstring for the two variants."""
+    """Train with SA-DPSGD screening; see the module docstring for the two variants.
+
+    ``canaries`` step with every candidate and are rolled back with it; only accepted steps
+    are released, so only they enter the white-box-steps statistics. The acceptance test reads
+    the real model only (the canary block does not change any loss), so the decisions carry no
+    information about the canaries.
+    """
     refuse_batchnorm(model)
     published = config.variant == "published"
     if published:
@@ -235,12 +257,15 @@ def train_screening(
                 noise_multiplier=s, sample_rate=q, steps=t, test_noise_multiplier=sigma_v, test_rate=test_rate
             ),
         )
-    optimizer = make_optimizer(model, config)
+    extra = canaries.parameters() if canaries is not None else []
+    if canaries is not None:
+        canaries.law = dpsgd_law(config, plan)
+    optimizer = make_optimizer(model, config, extra)
     scheduler = make_scheduler(optimizer, config, plan.steps)
     gradient = dpsgd_gradient(config, plan, generator)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     annealer = Annealer(config.anneal_rate, config.max_rejections)
-    snapshot = Snapshot(model, optimizer)
+    snapshot = Snapshot(model, optimizer, extra)
     per_epoch = steps_per_epoch(len(y), plan.sample_rate)
     accepted_loss = math.inf  # published: L_acc starts at +infinity, so the first step is accepted
     history: list[dict[str, float]] = []
@@ -268,6 +293,8 @@ def train_screening(
                 gradient=gradient,
                 generator=generator,
                 at=(epoch, step),
+                canaries=canaries,
+                release=False,
             )
             loss_total, loss_count = loss_total + loss_sum, loss_count + size
             if published:
@@ -285,10 +312,14 @@ def train_screening(
             accepted_before = annealer.accepted
             if annealer.decide(delta_e, _uniform(generator)):
                 snapshot.take()
+                if canaries is not None:
+                    canaries.commit()
                 if published:
                     accepted_loss = candidate_loss
             else:
                 snapshot.restore()
+                if canaries is not None:
+                    canaries.discard()
             if published:
                 bar.update(annealer.accepted - accepted_before)
             else:
@@ -395,5 +426,6 @@ SCREENING = register_mechanism(
         "SA-DPSGD: DP-SGD with simulated-annealing update screening (sound variant formal; "
         "published variant formal: false)",
         validate_model=refuse_batchnorm,
+        gradient_canaries=True,
     )
 )

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Mechanism, Privacy, TrainConfig, TrainResult
+from .canaries import GradientCanaries, StepLaw
 from .registry import register_mechanism
 from .training import check_finite, make_optimizer, make_scheduler, progress_bar
 
@@ -26,11 +27,18 @@ def sgd_epoch(
     generator: torch.Generator,
     epoch: int = 1,
     on_step: Callable[[], None] | None = None,
+    canaries: GradientCanaries | None = None,
 ) -> float:
-    """One shuffled pass over (x, y) in mini-batches; returns the mean training loss."""
+    """One shuffled pass over (x, y) in mini-batches; returns the mean training loss.
+
+    ``canaries``: each included canary is seen once per epoch, at a step drawn from the
+    canaries' own stream, and adds its gradient to that step's batch mean (no clipping, no
+    noise: the contrast for the private mechanisms).
+    """
     n = len(y)
     order = torch.randperm(n, generator=generator, device=generator.device)
     total = 0.0
+    schedule = canaries.draw_epoch(-(-n // batch_size)) if canaries is not None else None
     for step, start in enumerate(range(0, n, batch_size), 1):
         idx = order[start : start + batch_size]
         optimizer.zero_grad(set_to_none=True)
@@ -38,6 +46,12 @@ def sgd_epoch(
         value = loss.item()
         check_finite(value, epoch, step)
         loss.backward()
+        if canaries is not None:
+            assert schedule is not None
+            lot = canaries.lot_at(schedule, step - 1)
+            lot.released = lot.update = lot.scatter(lot.norm / len(idx))
+            canaries.record(lot)
+            canaries.commit()
         optimizer.step()
         scheduler.step()
         total += value * len(idx)
@@ -53,13 +67,18 @@ def train_sgd(
     *,
     config: TrainConfig,
     generator: torch.Generator,
+    canaries: GradientCanaries | None = None,
 ) -> TrainResult:
     """Train ``model`` on (x, y) with shuffled mini-batches; no privacy guarantee.
 
     ``generator`` drives the shuffling; the same generator state gives the same weights.
+    A canary's gradient has norm ``canaries.norm`` (there is no clipping norm).
     """
     steps_per_epoch = -(-len(y) // config.batch_size)
-    optimizer = make_optimizer(model, config)
+    if canaries is not None:
+        rate = min(1.0, config.batch_size / len(y))
+        canaries.law = StepLaw("none", scale=0.0, shift=canaries.norm / config.batch_size, sample_rate=rate)
+    optimizer = make_optimizer(model, config, canaries.parameters() if canaries is not None else ())
     scheduler = make_scheduler(optimizer, config, config.epochs * steps_per_epoch)
     history: list[dict[str, float]] = []
     model.train()
@@ -75,6 +94,7 @@ def train_sgd(
                 generator=generator,
                 epoch=epoch,
                 on_step=lambda: bar.update(1),
+                canaries=canaries,
             )
             history.append({"epoch": epoch, "train_loss": loss})
     privacy = Privacy(formal=False, note="non-private baseline: no privacy guarantee")
@@ -82,4 +102,8 @@ def train_sgd(
     return TrainResult(state, history, None, privacy)
 
 
-SGD = register_mechanism(Mechanism("sgd", TrainConfig, train_sgd, "non-private baseline (SGD/momentum/Adam)"))
+SGD = register_mechanism(
+    Mechanism(
+        "sgd", TrainConfig, train_sgd, "non-private baseline (SGD/momentum/Adam)", gradient_canaries=True
+    )
+)

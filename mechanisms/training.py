@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,8 +13,16 @@ from .base import NonFiniteLossError, TrainConfig
 __all__ = ["accuracy", "check_finite", "make_optimizer", "make_scheduler", "progress_bar"]
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(
+    model: nn.Module, config: TrainConfig, extra: Sequence[torch.Tensor] = ()
+) -> torch.optim.Optimizer:
+    """The configured optimizer over the model's trainable parameters, then ``extra`` ones.
+
+    ``extra`` holds tensors that step with the model but are not part of it (an audit's
+    canary block). Every optimizer here updates each parameter on its own, so extra ones leave
+    the model's updates unchanged, bit for bit.
+    """
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra)
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)

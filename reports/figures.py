@@ -68,8 +68,15 @@ def _point_label(target: dict[str, Any]) -> str:
     )
 
 
+def _valid_bounds(target: dict[str, Any]) -> list[tuple[str, float]]:
+    from .render import valid_bounds
+
+    return valid_bounds(target)
+
+
 def tradeoff_figure(targets: Sequence[dict[str, Any]], strongest: dict[str, str]) -> str:
-    """Held-out accuracy against empirical leakage: TPR@0.1% FPR and epsilon lower bound."""
+    """Held-out accuracy against empirical leakage: TPR@0.1% FPR of the strongest attack, and
+    the strongest valid epsilon lower bound (attacks or canary audits; the label says which)."""
     fig = Figure(figsize=(11, 4.6))
     axes = fig.subplots(1, 2, sharey=True)
     by_mech: dict[str, list[dict[str, Any]]] = {}
@@ -77,56 +84,106 @@ def tradeoff_figure(targets: Sequence[dict[str, Any]], strongest: dict[str, str]
         by_mech.setdefault(str(t["mechanism"]), []).append(t)
     for mech, group in by_mech.items():
         group = sorted(group, key=lambda t: -(t["privacy"].get("epsilon") or float("inf")))
-        ys = [t["test_accuracy"] for t in group]
-        x1 = [t["attacks"][strongest[t["id"]]]["tpr_at_fpr"].get("0.001", float("nan")) for t in group]
-        x2 = [max(a["epsilon_lb"] for a in t["attacks"].values()) for t in group]
-        for ax, xs in zip(axes, (x1, x2), strict=True):
-            line = ax.plot(xs, ys, marker="o", label=mech)[0]
-            for x, y, t in zip(xs, ys, group, strict=True):
-                ax.annotate(
+        color = None
+        with_attacks = [t for t in group if t["id"] in strongest]
+        if with_attacks:
+            xs = [
+                t["attacks"][strongest[t["id"]]]["tpr_at_fpr"].get("0.001", float("nan"))
+                for t in with_attacks
+            ]
+            line = axes[0].plot(xs, [t["test_accuracy"] for t in with_attacks], marker="o", label=mech)[0]
+            color = line.get_color()
+            for x, t in zip(xs, with_attacks, strict=True):
+                axes[0].annotate(
                     _point_label(t),
-                    (x, y),
+                    (x, t["test_accuracy"]),
                     textcoords="offset points",
                     xytext=(4, 4),
                     fontsize=7,
+                    color=color,
+                )
+        bounded = [(t, max(b, key=lambda v: v[1])) for t in group if (b := _valid_bounds(t))]
+        if bounded:
+            xs = [b[1] for _, b in bounded]
+            line = axes[1].plot(
+                xs, [t["test_accuracy"] for t, _ in bounded], marker="o", label=mech, color=color
+            )[0]
+            for x, (t, b) in zip(xs, bounded, strict=True):
+                axes[1].annotate(
+                    f"{_point_label(t)}\n{b[0]}",
+                    (x, t["test_accuracy"]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=6,
                     color=line.get_color(),
                 )
     axes[0].set_xlabel("TPR at 0.1% FPR of the strongest attack")
-    axes[1].set_xlabel("empirical ε lower bound (max over attacks)")
+    axes[1].set_xlabel("strongest valid empirical ε lower bound (attacks and canary audits)")
     axes[0].set_ylabel("held-out accuracy")
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.margins(0.15)
         ax.xaxis.set_major_locator(MaxNLocator(5))
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
     fig.suptitle("Utility vs empirical privacy (left is more private)")
     return _svg(fig)
 
 
+_MARKERS = {"attack": "o", "white-box-steps": "s", "white-box-final": "D", "black-box": "^"}
+
+
 def epsilon_figure(targets: Sequence[dict[str, Any]]) -> str | None:
-    """Empirical epsilon lower bound against the accountant's epsilon, with y = x."""
-    pts = [
-        (t["privacy"]["epsilon"], max(a["epsilon_lb"] for a in t["attacks"].values()), t["id"])
-        for t in targets
-        if t["privacy"].get("formal") and t["privacy"].get("epsilon") is not None
-    ]
+    """Every valid empirical epsilon lower bound against the accountant's epsilon, with y = x.
+
+    Markers tell the source: an attack on ordinary members, or a canary audit's threat model.
+    """
+    pts = []
+    for t in targets:
+        p = t["privacy"]
+        if not (p.get("formal") and p.get("epsilon") is not None):
+            continue
+        for label, value in _valid_bounds(t):
+            pts.append((p["epsilon"], value, t["id"], label.split(" ")[0]))
     if not pts:
         return None
-    fig = Figure(figsize=(5.2, 4.6))
+    fig = Figure(figsize=(6.4, 5.2))
     ax = fig.add_subplot()
     top = max(max(p[0] for p in pts), max(p[1] for p in pts)) * 1.1 + 0.1
-    ax.plot([0, top], [0, top], color="0.6", ls="--", lw=1, label="y = x (a bound above it would be a bug)")
-    seen: dict[tuple[float, float], int] = {}
-    for eps, lb, name in pts:
-        ax.scatter([eps], [lb])
-        # stagger the labels of points that coincide (e.g. two mechanisms at the same epsilon)
+    ax.plot([0, top], [0, top], color="0.6", ls="--", lw=1, label="y = x (a valid bound above it: a DP bug)")
+    colors: dict[str, Any] = {}
+    seen_kind: set[str] = set()
+    for eps, lb, name, kind in pts:
+        color = colors.setdefault(name, f"C{len(colors) % 10}")
+        ax.scatter([eps], [lb], marker=_MARKERS.get(kind, "o"), color=color, s=22, alpha=0.8)
+        seen_kind.add(kind)
+    best: dict[str, tuple[float, float]] = {}
+    for eps, lb, name, _ in pts:
+        if name not in best or lb > best[name][1]:
+            best[name] = (eps, lb)
+    placed: dict[tuple[float, float], int] = {}
+    for name, (eps, lb) in best.items():
         key = (round(eps, 1), round(lb, 1))
-        k = seen[key] = seen.get(key, -1) + 1
-        ax.annotate(name, (eps, lb), textcoords="offset points", xytext=(4, 4 + 11 * k), fontsize=7)
+        k = placed[key] = placed.get(key, -1) + 1
+        ax.annotate(
+            name,
+            (eps, lb),
+            textcoords="offset points",
+            xytext=(5, 4 + 11 * k),
+            fontsize=7,
+            color=colors[name],
+        )
+    for kind in sorted(seen_kind):
+        ax.scatter(
+            [],
+            [],
+            marker=_MARKERS.get(kind, "o"),
+            color="0.3",
+            label="attack on members" if kind == "attack" else f"canaries, {kind}",
+        )
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_xlabel("accountant ε (proven upper bound)")
-    ax.set_ylabel("empirical ε lower bound")
+    ax.set_ylabel("valid empirical ε lower bound")
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(True, alpha=0.3)
     return _svg(fig)

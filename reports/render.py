@@ -13,7 +13,14 @@ from attacks.metrics import auc
 
 from .figures import epsilon_figure, exposed_figure, roc_figure, tradeoff_figure
 
-__all__ = ["TargetArrays", "render_html", "render_markdown", "strongest_attack"]
+__all__ = [
+    "TargetArrays",
+    "render_html",
+    "render_markdown",
+    "strongest_attack",
+    "strongest_valid_bound",
+    "valid_bounds",
+]
 
 EXPOSED = 16
 
@@ -32,6 +39,54 @@ def strongest_attack(target: dict[str, Any]) -> str:
         target["attacks"],
         key=lambda a: (target["attacks"][a]["tpr_at_fpr"].get("0.001", 0.0), target["attacks"][a]["auc"]),
     )
+
+
+def valid_bounds(target: dict[str, Any]) -> list[tuple[str, float]]:
+    """Every valid empirical epsilon lower bound of a target: (label, value).
+
+    The attacks' Clopper-Pearson bounds (threshold from a held-out half) and the canary
+    audits' bounds marked valid; Gaussian-DP estimates and f-DP bounds (which assume a curve
+    shape) are left out.
+    """
+    out = [(f"attack {name}", float(m["epsilon_lb"])) for name, m in target.get("attacks", {}).items()]
+    for audit in target.get("canary_audits", []):
+        out += [
+            (f"{audit['threat_model']} {b['method']}", float(b["epsilon_lb"]))
+            for b in audit["bounds"]
+            if b["valid"]
+        ]
+    return out
+
+
+def strongest_valid_bound(target: dict[str, Any]) -> tuple[str, float] | None:
+    """The largest valid bound of a target and what gave it (None without any)."""
+    bounds = valid_bounds(target)
+    return max(bounds, key=lambda b: b[1]) if bounds else None
+
+
+def _canary_rows(target: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for audit in target.get("canary_audits", []):
+        for b in audit["bounds"]:
+            counts = ", ".join(f"{k} {v}" for k, v in b["counts"].items())
+            value = f"{b['epsilon_lb']:.3f}" + (" (ceiling)" if b.get("saturated") else "")
+            rows.append(
+                [
+                    audit["threat_model"],
+                    f"{audit['m']:,} ({audit['calibration_canaries']:,} calibrating)",
+                    b["method"],
+                    value,
+                    "valid bound"
+                    if b["valid"]
+                    else ("estimate" if b["method"] == "gdp-estimate" else "assumes GDP"),
+                    f"{b['confidence']:.0%}, δ = {b['delta']:g}",
+                    counts,
+                ]
+            )
+    return rows
+
+
+_CANARY_HEAD = ["threat model", "canaries audited", "method", "ε lower bound", "kind", "confidence", "counts"]
 
 
 def _privacy_text(p: dict[str, Any]) -> str:
@@ -135,30 +190,35 @@ def render_html(
     ]
     for note in notes or []:
         parts.append(f"<p class='warn'>{html.escape(note)}</p>")
-    if targets and strongest:
+    if targets:
         parts.append("<h2>Utility vs empirical privacy</h2>")
-        parts.append(f"<figure>{tradeoff_figure(targets, strongest)}</figure>")
+        if any(strongest_valid_bound(t) for t in targets):
+            parts.append(f"<figure>{tradeoff_figure(targets, strongest)}</figure>")
         eps_svg = epsilon_figure(targets)
         if eps_svg:
             parts.append("<h3>Empirical ε against the accountant's ε</h3>")
             parts.append(
-                "<p class='note'>Every point must lie on or below y = x: the accountant's ε is a "
-                "proof, the empirical one a statistical lower bound.</p>"
+                "<p class='note'>Every valid bound must lie on or below y = x: the accountant's ε is a "
+                "proof, an empirical bound a statistical lower bound (each at its stated confidence). "
+                "Canary audits plant examples or gradients on purpose and are far stronger than "
+                "attacks on ordinary members.</p>"
             )
             parts.append(f"<figure>{eps_svg}</figure>")
-        summary = [
-            [
-                t["id"],
-                str(t.get("mechanism")),
-                _privacy_short(t["privacy"]),
-                f"{t['test_accuracy']:.4f}" if t.get("test_accuracy") is not None else "n/a",
-                strongest[t["id"]],
-                f"{t['attacks'][strongest[t['id']]]['tpr_at_fpr'].get('0.001', float('nan')):.4f}",
-                f"{max(a['epsilon_lb'] for a in t['attacks'].values()):.3f}",
-            ]
-            for t in targets
-            if t["attacks"]
-        ]
+        summary = []
+        for t in targets:
+            best = strongest[t["id"]] if t["id"] in strongest else None
+            sv = strongest_valid_bound(t)
+            summary.append(
+                [
+                    t["id"],
+                    str(t.get("mechanism")),
+                    _privacy_short(t["privacy"]),
+                    f"{t['test_accuracy']:.4f}" if t.get("test_accuracy") is not None else "n/a",
+                    best or "n/a",
+                    f"{t['attacks'][best]['tpr_at_fpr'].get('0.001', float('nan')):.4f}" if best else "n/a",
+                    f"{sv[1]:.3f} ({sv[0]})" if sv else "n/a",
+                ]
+            )
         parts.append(
             _table(
                 [
@@ -168,7 +228,7 @@ def render_html(
                     "held-out accuracy",
                     "strongest attack",
                     "TPR@0.1%",
-                    "max ε lower bound",
+                    "strongest valid ε lower bound",
                 ],
                 summary,
             )
@@ -186,6 +246,28 @@ def render_html(
         )
         for line in t.get("not_run", []):
             parts.append(f"<p class='warn'>{html.escape(line)}</p>")
+        if t.get("canary_audits"):
+            first = t["canary_audits"][0]
+            parts.append("<h3>Canary audits</h3>")
+            parts.append(
+                f"<p class='note'>{first['m'] + first['calibration_canaries']:,} {first['canary_kind']} canaries, "
+                "each included with probability 1/2; the calibrating ones only choose thresholds and "
+                f"guess counts. {first['steps']} released steps. Valid bounds hold at their confidence "
+                "whatever the mechanism; estimates and f-DP bounds assume a Gaussian privacy curve.</p>"
+            )
+            parts.append(_table(_CANARY_HEAD, _canary_rows(t)))
+            eps = first.get("accountant_epsilon")
+            sv = max(
+                (b for a in t["canary_audits"] for b in a["bounds"] if b["valid"]),
+                key=lambda b: b["epsilon_lb"],
+                default=None,
+            )
+            if eps is not None and sv is not None and sv["epsilon_lb"] > eps:
+                parts.append(
+                    f"<p class='warn'>A valid canary bound ({sv['method']}, {sv['epsilon_lb']:.3f}) exceeds the "
+                    f"{'accountant' if first.get('formal') else 'stated'} ε {eps:.4g}: the implementation or its "
+                    "accounting is wrong, unless this is the chance its confidence allows.</p>"
+                )
         if not t["attacks"]:
             continue
         parts.append(_table(_HEAD, _metrics_rows(t)))
@@ -240,6 +322,31 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"{tp.get('0.01', float('nan')):.4f} | {m['epsilon_lb']:.3f} |"
             )
     lines += ["", "Scores: higher = member. TPR@0.1% with fewer than 10,000 non-members is unstable."]
+    canary = [t for t in results["targets"] if t.get("canary_audits")]
+    if canary:
+        lines += [
+            "",
+            "### Canary audits",
+            "",
+            "| target | accountant ε | threat model | canaries audited | method | ε lower bound | kind |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for t in canary:
+            for audit in t["canary_audits"]:
+                eps = audit.get("accountant_epsilon")
+                eps_text = (
+                    "n/a" if eps is None else f"{eps:.4g}" + ("" if audit.get("formal") else " (stated)")
+                )
+                for b in audit["bounds"]:
+                    kind = (
+                        "valid"
+                        if b["valid"]
+                        else ("estimate" if b["method"] == "gdp-estimate" else "assumes GDP")
+                    )
+                    lines.append(
+                        f"| {t['id']} | {eps_text} | {audit['threat_model']} | {audit['m']:,} | {b['method']} | "
+                        f"{b['epsilon_lb']:.3f}{' (ceiling)' if b.get('saturated') else ''} | {kind} |"
+                    )
     notes = [
         f"- {t['id']}: {t['privacy']['note']}"
         for t in results["targets"]

@@ -113,3 +113,42 @@ def test_help_exits_0(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--help"])
     assert exc.value.code == 0 and "--noise-multiplier" in capsys.readouterr().out
+
+
+def test_canary_command_audits_a_mechanism(tmp_path, capsys):
+    out = tmp_path / "canary"
+    argv = ["canary", "--mechanism", "dpsgd", "--dataset", "digits", "--model", "mlp", "--epsilon", "4"]
+    argv += ["--epochs", "4", "--batch-size", "64", "--canaries", "4000", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "white-box-steps" in printed and "clopper-pearson" in printed and "<= epsilon 4" in printed
+    results = json.loads((out / "results.json").read_text())
+    (target,) = results["targets"]
+    assert target["attacks"] == {} and len(target["canary_audits"]) == 2
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["canaries"]["count"] == 4000 and meta["canaries"]["law"]["noise"] == "gaussian"
+    assert (out / "report.html").is_file() and (out / "canaries.npz").is_file()
+    # the gate checks it against the accountant with no baseline needed
+    assert main(["gate", str(out / "results.json")]) == 0
+    # the same output folder is not overwritten
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mechanism", "residual", "--model", "resnet8"], "no gradient to plant canaries"),
+        (["--mechanism", "dpsgd", "--noise-multiplier", "1", "--canaries", "50"], "at least 100"),
+        (["--mechanism", "dpsgd", "--noise-multiplier", "1", "--calibration", "1.5"], "calibration"),
+        (["--mechanism", "dpsgd", "--noise-multiplier", "1", "--canary-norm", "0.5"], "norm"),
+        (["--mechanism", "dpsgd", "--noise-multiplier", "1", "--confidence", "1"], "confidence"),
+        (["--mechanism", "dpsgd"], "exactly one of noise_multiplier or epsilon"),
+    ],
+)
+def test_canary_bad_input_exits_2(tmp_path, capsys, extra, message):
+    out = tmp_path / "c"
+    assert (
+        main(["canary", "--dataset", "digits", "--model", "mlp", *extra, "--quiet", "--out", str(out)]) == 2
+    )
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())

@@ -30,6 +30,8 @@ options = { epochs = 20, batch_size = 16 }
 name = "dpsgd"
 budgets = [8.0]
 options = { epochs = 3, batch_size = 50, lr = 0.5 }
+[canaries]
+count = 2000
 [gate]
 epsilon_margin = 1.0
 """
@@ -55,6 +57,33 @@ def test_run_writes_every_file(run_dir):
         assert len(list((out / "references" / tid / "logits").glob("*.npy"))) == 2
     assert (out / "config.toml").is_file() and (out / "summary.md").is_file()
     assert "dpsgd-eps8" in (out / "summary.md").read_text()
+
+
+def test_run_audits_every_gradient_target_with_canaries(run_dir):
+    out = run_dir / "out"
+    results = json.loads((out / "results.json").read_text())
+    for target in results["targets"]:
+        audits = target["canary_audits"]
+        assert [a["threat_model"] for a in audits] == ["white-box-steps", "white-box-final"]
+        for a in audits:
+            assert a["canary_kind"] == "gradient" and a["m"] + a["calibration_canaries"] == 2000
+            assert {b["method"] for b in a["bounds"]} == {
+                "one-run",
+                "f-dp-one-run",
+                "clopper-pearson",
+                "gdp-estimate",
+            }
+            for b in a["bounds"]:
+                assert {"method", "epsilon_lb", "confidence", "delta", "assumptions", "counts"} <= set(b)
+            assert a["guesses"] >= a["correct"] >= 0
+        assert (out / "targets" / target["id"] / "canaries.npz").is_file()
+    dp = results["targets"][1]["canary_audits"][0]
+    assert dp["accountant_epsilon"] == results["targets"][1]["privacy"]["epsilon"] and dp["formal"] is True
+    assert all(b["epsilon_lb"] <= dp["accountant_epsilon"] for b in dp["bounds"] if b["valid"])
+    summary = (out / "summary.md").read_text()
+    assert "### Canary audits" in summary and "white-box-steps" in summary
+    page = (out / "report.html").read_text()
+    assert "Canary audits" in page and "strongest valid ε lower bound" in page
 
 
 def test_report_is_self_contained(run_dir):
@@ -271,6 +300,26 @@ def test_gate(run_dir, tmp_path, capsys):
     fewer["targets"] = fewer["targets"][:1]
     (tmp_path / "fewer.json").write_text(json.dumps(fewer))
     assert main(["gate", str(tmp_path / "fewer.json"), "--baseline", str(base)]) == 2
+
+
+def test_gate_fails_when_a_valid_bound_exceeds_the_accountant(run_dir, tmp_path, capsys):
+    results = json.loads((run_dir / "out" / "results.json").read_text())
+    # without a baseline, only the accountant checks run: they pass on a correct DP-SGD
+    assert main(["gate", str(run_dir / "out" / "results.json")]) == 0
+    assert "checks passed" in capsys.readouterr().out
+    # the same audit against a (wrongly) claimed epsilon far below what it shows fails
+    target = results["targets"][1]
+    strongest = max(b["epsilon_lb"] for a in target["canary_audits"] for b in a["bounds"] if b["valid"])
+    target["privacy"]["epsilon"] = strongest / 4
+    (tmp_path / "claimed.json").write_text(json.dumps(results))
+    assert main(["gate", str(tmp_path / "claimed.json"), "--junit", str(tmp_path / "g.xml")]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL dpsgd-eps8" in out and "ABOVE it" in out and "DP bug" in out
+    assert "<failure" in (tmp_path / "g.xml").read_text()
+    # a results file with nothing to check is an error, not a pass
+    results["targets"] = []
+    (tmp_path / "empty.json").write_text(json.dumps(results))
+    assert main(["gate", str(tmp_path / "empty.json")]) == 2
 
 
 def _chromium():

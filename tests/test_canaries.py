@@ -1,0 +1,275 @@
+"""Gradient canaries: they leave the model alone, follow the mechanism's law, and catch bugs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from sklearn.datasets import make_classification
+
+import mechanisms.dpsgd as dpsgd_module
+import mechanisms.per_example as per_example
+from audit.canary import canary_audits
+from mechanisms import build_model, config_from_mapping, get_mechanism
+from mechanisms.canaries import GradientCanaries, StepLaw
+from mechanisms.dplis import smoothed_noisy_gradient
+from mechanisms.dpsgd import DpSgdConfig, DpSgdPlan, dpsgd_gradient, train_private
+from mechanisms.encoding import Encoder, EncodingConfig
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = make_classification(600, 20, n_informative=10, random_state=0)
+    return torch.tensor(x[:400], dtype=torch.float32), torch.tensor(y[:400])
+
+
+def _train(mechanism, options, data, canaries=None, seed=0):
+    x, y = data
+    mech = get_mechanism(mechanism)
+    config = config_from_mapping(mech.config_type, options)
+    model = build_model("mlp", (20,), 2, seed=seed)
+    extra = {"canaries": canaries} if canaries is not None else {}
+    return mech.train(model, x, y, config=config, generator=torch.Generator().manual_seed(seed), **extra)
+
+
+RECIPES = [
+    ("sgd", dict(epochs=2, batch_size=32, lr=0.05)),
+    ("dpsgd", dict(epochs=2, batch_size=64, lr=0.1, noise_multiplier=1.0)),
+    (
+        "dpsgd",
+        dict(epochs=2, batch_size=64, lr=0.01, noise_multiplier=1.0, optimizer="adam", weight_decay=0.01),
+    ),
+    ("dplis", dict(epochs=2, batch_size=64, lr=0.1, noise_multiplier=1.0, smooth_samples=2)),
+    ("encoding", dict(epochs=2, batch_size=64, lr=0.1, noise_multiplier=1.0, top_k=50, codebook_size=8)),
+    ("screening", dict(epochs=2, batch_size=64, lr=0.1, noise_multiplier=1.0, validation_size=64)),
+    (
+        "screening",
+        dict(epochs=2, batch_size=64, lr=0.1, noise_multiplier=1.0, validation_size=64, variant="published"),
+    ),
+]
+
+
+@pytest.mark.parametrize("mechanism, options", RECIPES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(RECIPES)])
+def test_canaries_leave_the_real_parameters_bit_for_bit(mechanism, options, data):
+    without = _train(mechanism, options, data)
+    canaries = GradientCanaries(500, seed=7)
+    with_canaries = _train(mechanism, options, data, canaries)
+    assert without.state_dict.keys() == with_canaries.state_dict.keys()
+    for name, value in without.state_dict.items():
+        assert torch.equal(value, with_canaries.state_dict[name]), name
+    record = canaries.result()
+    assert record.steps > 0 and record.law is not None
+    assert torch.isfinite(record.llr).all() and torch.isfinite(record.final).all()
+    assert bool((record.final != 0).any())  # the block did go through the optimizer
+
+
+@pytest.mark.parametrize("noise, df", [("gaussian", 0.0), ("laplace", 0.0), ("studentt", 5.0)])
+def test_step_law_log_ratio_matches_scipy_densities(noise, df):
+    law = StepLaw(noise, scale=0.7, shift=0.3, sample_rate=0.2, df=df)
+    x = np.linspace(-4, 4, 101)
+    dist = {
+        "gaussian": stats.norm(0, 0.7),
+        "laplace": stats.laplace(0, 0.7),
+        "studentt": stats.t(df, 0, 0.7),
+    }[noise]
+    expected = np.log(1 - 0.2 + 0.2 * dist.pdf(x - 0.3) / dist.pdf(x))
+    np.testing.assert_allclose(law.log_ratio(torch.from_numpy(x)).numpy(), expected, rtol=1e-10, atol=1e-12)
+    # with q = 1 it is the plain log density ratio
+    full = StepLaw(noise, scale=0.7, shift=0.3, sample_rate=1.0, df=df)
+    np.testing.assert_allclose(
+        full.log_ratio(torch.from_numpy(x)).numpy(),
+        np.log(dist.pdf(x - 0.3) / dist.pdf(x)),
+        rtol=1e-9,
+        atol=1e-12,
+    )
+
+
+def _simulate(law, steps, included, m, rng):
+    """Monte Carlo of the claimed law: the white-box-steps score of m canaries."""
+    total = np.zeros(m)
+    for _ in range(steps):
+        b = (rng.random(m) < law.sample_rate) & included
+        x = b * law.shift + rng.normal(0.0, law.scale, m)
+        total += law.log_ratio(torch.from_numpy(x)).numpy()
+    return total
+
+
+def test_white_box_steps_scores_follow_the_exact_law(data):
+    """The scores DP-SGD's canaries record are distributed as the claimed law says (two-sample
+    KS against a Monte Carlo of it, included and excluded canaries apart); a law whose noise
+    is 15% off is rejected, so the check has power."""
+    canaries = GradientCanaries(6000, seed=3)
+    _train("dpsgd", dict(epochs=5, batch_size=64, lr=0.1, noise_multiplier=0.8), data, canaries)
+    record = canaries.result()
+    law, steps = record.law, record.steps
+    assert steps == 5 * round(400 / 64)
+    inc = record.included.numpy()
+    llr = record.llr.numpy()
+    rng = np.random.default_rng(0)
+    for included in (True, False):
+        simulated = _simulate(law, steps, np.full(8000, included), 8000, rng)
+        assert stats.ks_2samp(llr[inc == included], simulated).pvalue > 1e-3
+    wrong = StepLaw("gaussian", scale=law.scale * 1.15, shift=law.shift, sample_rate=law.sample_rate)
+    off = np.zeros(8000)
+    for _ in range(steps):
+        off += law.log_ratio(torch.from_numpy(rng.normal(0.0, wrong.scale, 8000))).numpy()
+    assert stats.ks_2samp(llr[~inc], off).pvalue < 1e-3
+
+
+def test_screening_releases_only_accepted_steps(data):
+    canaries = GradientCanaries(500, seed=1)
+    result = _train(
+        "screening",
+        dict(epochs=3, batch_size=64, lr=2.0, noise_multiplier=1.0, validation_size=64, validation_clip=1.0),
+        data,
+        canaries,
+    )
+    record = canaries.result()
+    assert record.candidates == result.extras["candidate_steps"]
+    assert record.steps == result.extras["accepted_steps"] < record.candidates  # some were rejected
+
+
+def test_encoding_canary_is_one_clamped_coordinate():
+    config = EncodingConfig(top_k=30, codebook_size=6, noise_multiplier=1.0)
+    encoder = Encoder(config, dim=200)
+    top = float(encoder.codebook[:, 0].max())
+    assert config.clip_norm * config.quant_multiplier > top  # so the clamp binds
+    assert encoder.canary_value(config.clip_norm, 10.0) == pytest.approx(top)
+    plan = DpSgdPlan(0.1, 10, 1.0, 64.0)
+    law = encoder.law(plan, 10.0)
+    assert (
+        law.shift == pytest.approx(top / 64.0)
+        and law.scale == pytest.approx(1.0 / 64.0)
+        and law.noise == "studentt"
+    )
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_dplis_canaries_are_clipped_like_dpsgd(reduce):
+    model = build_model("mlp", (20,), 2, seed=0)
+    x, y = torch.randn(16, 20), torch.randint(0, 2, (16,))
+    canaries = GradientCanaries(200, seed=0, norm=3.0)
+    lot = canaries.draw(1.0, dpsgd_module.poisson_lot)  # every included canary
+    smoothed_noisy_gradient(
+        model,
+        x,
+        y,
+        clip_norm=0.5,
+        noise_multiplier=1e-12,
+        expected_batch_size=8.0,
+        smooth_sigma=0.01,
+        smooth_samples=3,
+        generator=torch.Generator().manual_seed(0),
+        reduce=reduce,
+        canaries=lot,
+    )
+    expected = canaries.included.float() * 0.5 / 8.0  # clipped to C, divided by the lot size
+    torch.testing.assert_close(lot.released, expected, atol=1e-9, rtol=1e-5)
+
+
+# --- planted bugs (AUDITING.md): each claims epsilon 2 from the correct accountant ---------------
+
+BUG_CONFIG = DpSgdConfig(epochs=10, batch_size=64, lr=0.1, epsilon=2.0)
+
+
+def _audit_dpsgd(data, make_gradient=None):
+    x, y = data
+    canaries = GradientCanaries(20_000, seed=11)
+    model = build_model("mlp", (20,), 2, seed=0)
+    result = train_private(
+        model,
+        x,
+        y,
+        config=BUG_CONFIG,
+        generator=torch.Generator().manual_seed(0),
+        canaries=canaries,
+        make_gradient=make_gradient,
+    )
+    eps = result.privacy.epsilon
+    assert eps == pytest.approx(2.0, abs=0.01)
+    audits = canary_audits(
+        canaries.result(),
+        threat_models=("white-box-steps", "white-box-final"),
+        delta=1e-5,
+        confidence=0.95,
+        accountant_epsilon=eps,
+        formal=True,
+    )
+    return {a["threat_model"]: max(b["epsilon_lb"] for b in a["bounds"] if b["valid"]) for a in audits}
+
+
+def test_correct_dpsgd_audits_below_its_epsilon(data):
+    strongest = _audit_dpsgd(data)
+    assert all(0 < v < 2.0 for v in strongest.values()), strongest
+
+
+def test_planted_bug_noise_a_tenth_of_what_is_accounted(data):
+    def broken(plan, optimizer):
+        weak = DpSgdPlan(plan.sample_rate, plan.steps, plan.noise_multiplier / 10, plan.expected_batch_size)
+        return dpsgd_gradient(BUG_CONFIG, weak, torch.Generator().manual_seed(0))
+
+    strongest = _audit_dpsgd(data, broken)
+    assert strongest["white-box-steps"] > 2.0 and strongest["white-box-final"] > 2.0, strongest
+
+
+def test_planted_bug_clipping_skipped(data, monkeypatch):
+    monkeypatch.setattr(per_example, "clip_factors", lambda norms, clip_norm: torch.ones_like(norms))
+    strongest = _audit_dpsgd(data)
+    assert strongest["white-box-steps"] > 2.0 and strongest["white-box-final"] > 2.0, strongest
+
+
+def test_planted_bug_every_example_in_every_lot(data, monkeypatch):
+    monkeypatch.setattr(dpsgd_module, "poisson_lot", lambda n, rate, g: torch.arange(n, device=g.device))
+    strongest = _audit_dpsgd(data)
+    assert strongest["white-box-steps"] > 2.0 and strongest["white-box-final"] > 2.0, strongest
+
+
+def test_planted_bug_noise_reused_at_every_step(data, monkeypatch):
+    """Caught step by step only: excluded canaries' observations stop varying across steps, which
+    the variance score (chosen on calibration canaries) sees; the final weights do not show it."""
+    cache = {}
+
+    def reused(total, *, clip_norm, noise_multiplier, expected_batch_size, generator):
+        for key, t in total.items():
+            if (key, t.shape) not in cache:
+                cache[(key, t.shape)] = torch.normal(
+                    0.0, noise_multiplier * clip_norm, t.shape, generator=generator, dtype=t.dtype
+                )
+            t.add_(cache[(key, t.shape)]).div_(expected_batch_size)
+        return total
+
+    monkeypatch.setattr(dpsgd_module, "add_noise", reused)
+    strongest = _audit_dpsgd(data)
+    assert strongest["white-box-steps"] > 2.0, strongest
+    assert strongest["white-box-final"] < 2.0, strongest
+
+
+def test_sgd_canaries_hit_the_ceiling(data):
+    canaries = GradientCanaries(4000, seed=2)
+    _train("sgd", dict(epochs=2, batch_size=32, lr=0.05), data, canaries)
+    audits = canary_audits(
+        canaries.result(),
+        threat_models=("white-box-steps",),
+        delta=1e-5,
+        confidence=0.95,
+        accountant_epsilon=None,
+        formal=False,
+    )
+    one_run = next(b for b in audits[0]["bounds"] if b["method"] == "one-run")
+    assert one_run["saturated"] and one_run["epsilon_lb"] > 3.0
+    assert math.isfinite(one_run["ceiling"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(count=1), "at least 2"),
+        (dict(count=100, norm=0.5), "norm"),
+        (dict(count=100, calibration=1.0), "calibration"),
+    ],
+)
+def test_bad_canary_settings(kwargs, message):
+    count = kwargs.pop("count")
+    with pytest.raises(ValueError, match=message):
+        GradientCanaries(count, seed=0, **kwargs)
