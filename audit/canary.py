@@ -35,6 +35,9 @@ __all__ = [
 CANARY_FILE = "canaries.npz"
 THREAT_MODELS = ("white-box-steps", "white-box-final")
 DEFAULT_COUNT = 100_000
+# A canary costs a few float64 statistics and one coordinate of noise per step: 10^7 is about
+# 0.5 GB of state and seconds per step, beyond any audit's need (10^5-10^6 reach the ceilings).
+MAX_COUNT = 10_000_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,11 +56,19 @@ class CanarySettings:
     confidence: float = 0.95
 
     def __post_init__(self) -> None:
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
-            raise ValueError(f"canary count must be an integer >= 0, got {self.count!r}")
+        if (
+            isinstance(self.count, bool)
+            or not isinstance(self.count, int)
+            or not (0 <= self.count <= MAX_COUNT)
+        ):
+            raise ValueError(f"canary count must be an integer in [0, {MAX_COUNT:,}], got {self.count!r}")
         if 0 < self.count < 100:
             raise ValueError(f"a canary audit needs at least 100 canaries, got {self.count}")
-        if not isinstance(self.norm, int | float) or not (self.norm >= 1):
+        if (
+            isinstance(self.norm, bool)
+            or not isinstance(self.norm, int | float)
+            or not (1 <= self.norm < 1e6)
+        ):
             raise ValueError(
                 f"canary norm must be a number >= 1 (units of the clipping norm), got {self.norm!r}"
             )
@@ -65,8 +76,8 @@ class CanarySettings:
             raise ValueError(f"calibration share must be in (0, 1), got {self.calibration!r}")
         if not isinstance(self.confidence, int | float) or not (0.5 < self.confidence < 1):
             raise ValueError(f"confidence must be in (0.5, 1), got {self.confidence!r}")
-        if isinstance(self.threat_models, str):
-            raise ValueError(f"threat models must be a list, got the string {self.threat_models!r}")
+        if not isinstance(self.threat_models, list | tuple):
+            raise ValueError(f"threat models must be a list of names, got {self.threat_models!r}")
         models = tuple(self.threat_models)
         bad = [t for t in models if t not in THREAT_MODELS]
         if bad or not models:

@@ -19,15 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import interleaved_times, mnist5k_members
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from _common import interleaved_times, mnist5k_members  # noqa: E402
-
-from audit.canary import canary_audits  # noqa: E402
-from mechanisms import build_model  # noqa: E402
-from mechanisms.canaries import GradientCanaries  # noqa: E402
-from mechanisms.dpsgd import DpSgdConfig, train_dpsgd  # noqa: E402
+from audit.canary import canary_audits
+from mechanisms import build_model
+from mechanisms.canaries import GradientCanaries
+from mechanisms.dpsgd import DpSgdConfig, train_dpsgd
 
 # The quick preset's dpsgd-eps8 target calibrates to this noise multiplier (20 epochs, q 0.1024).
 SIGMA_EPS8 = 1.146972
@@ -54,7 +51,9 @@ def main() -> None:
         if canaries is not None:
             records.append(canaries.result())
 
-    times = interleaved_times({"dpsgd": lambda: train(False), "dpsgd + canaries": lambda: train(True)}, 1 + args.rounds)
+    times = interleaved_times(
+        {"dpsgd": lambda: train(False), "dpsgd + canaries": lambda: train(True)}, 1 + args.rounds
+    )
     times = {k: v[1:] for k, v in times.items()}  # the first round warms up (imports, allocator)
     audit_seconds = []
     for record in records[1:]:

@@ -7,6 +7,8 @@ import subprocess
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from audit.cli import main
 from audit.config import load_config
@@ -392,3 +394,31 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
         timeout=120,
     )
     assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    key=st.sampled_from(["count", "norm", "calibration", "threat_models", "confidence", "bogus"]),
+    value=st.one_of(
+        st.integers(-(10**12), 10**12),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.booleans(),
+        st.text(alphabet="abc-xyz01 ", max_size=5),
+        st.lists(st.one_of(st.text(alphabet="white-boxstepsfinal", max_size=20), st.integers()), max_size=3),
+        st.sampled_from([["white-box-steps"], ["white-box-final", "white-box-steps"], 0.3, 0.99, 2000]),
+    ),
+)
+def test_canaries_table_fuzz_loads_or_says_what_is_wrong(tmp_path_factory, key, value):
+    """Any value in the [canaries] table loads, or fails with a ValueError naming the table
+    (exit 2 on the command line), never another exception."""
+    from audit.config import _toml
+
+    path = tmp_path_factory.mktemp("fuzz") / "c.toml"
+    text = SMALL.replace("[canaries]\ncount = 2000", f"[canaries]\n{key} = {_toml(value)}")
+    path.write_text(text)
+    try:
+        config = load_config(str(path))
+    except ValueError as err:
+        assert "[canaries]" in str(err)
+    else:
+        assert config.canaries.count >= 0
