@@ -58,8 +58,9 @@ METHODS = ("one-run", "f-dp-one-run", "clopper-pearson", "gdp-estimate")
 # Fractions of the canaries guessed IN (top scores) tried by the guess-count selection. Without
 # calibration canaries each is a separate test and the confidence is split over all of them.
 GUESS_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
-# Grid used without calibration canaries (fewer tests: a smaller Bonferroni price).
-BONFERRONI_FRACTIONS = (0.005, 0.02, 0.1, 0.5)
+# Guess plans (IN fraction, OUT fraction) tried without calibration canaries, each a test of
+# its own (Bonferroni): few and spread out, from a confident top to guessing every canary.
+BONFERRONI_PLANS = ((0.05, 0.0), (0.2, 0.0), (0.5, 0.0), (0.1, 0.1), (0.2, 0.2), (0.35, 0.35), (0.5, 0.5))
 # f-DP's recursion is sequential in the number of correct guesses; larger guess counts add
 # little to it (its strength is high precision at few guesses) and cost seconds each.
 FDP_MAX_GUESSES = 20_000
@@ -227,7 +228,8 @@ def gdp_epsilon(mu: float, delta: float) -> float:
 
     if mu <= 0:
         return 0.0
-    return max(0.0, float(dp_accounting.get_epsilon_gaussian(1.0 / mu, delta)))
+    with np.errstate(divide="ignore"):  # dp-accounting's log1p(-1) at the search's far end
+        return max(0.0, float(dp_accounting.get_epsilon_gaussian(1.0 / mu, delta)))
 
 
 def recompute_epsilon(bound: Mapping[str, Any], confidence: float) -> float:
@@ -294,6 +296,12 @@ def _k(fraction: float, m: int) -> int:
     return max(1, min(m, round(fraction * m)))
 
 
+def _plan_counts(f_in: float, f_out: float, m: int) -> tuple[int, int]:
+    """(k_in, k_out) for a plan: never more guesses than canaries, never one canary twice."""
+    k_in = _k(f_in, m)
+    return k_in, (min(_k(f_out, m), m - k_in) if f_out else 0)
+
+
 def _threshold_candidates(s: np.ndarray) -> np.ndarray:
     """Distinct score values, thinned to at most THRESHOLD_CANDIDATES (all of both tails kept)."""
     u = np.unique(s)
@@ -352,14 +360,20 @@ def _guess_bound(method: str, m: int, r: int, v: int, delta: float, beta: float)
     return fdp_one_run_epsilon(m, r, v, delta=delta, beta=beta)
 
 
-def _guess_plans(method: str, m: int, fractions: Sequence[float]) -> list[tuple[float, float]]:
-    """(IN fraction, OUT fraction) pairs tried: one-sided for f-DP, both shapes for one-run."""
-    plans = [(f, 0.0) for f in fractions]
-    if method == "one-run":
-        plans += [(f, f) for f in fractions if f <= 0.25]
+def _guess_plans(
+    method: str,
+    m: int,
+    fractions: Sequence[float] = GUESS_FRACTIONS,
+    plans: Sequence[tuple[float, float]] = (),
+) -> list[tuple[float, float]]:
+    """(IN fraction, OUT fraction) pairs tried: ``plans`` as given, else one-sided ``fractions``
+    and, for one-run, the two-sided ones up to a quarter each side. f-DP is one-sided (its
+    analysis is for IN guesses) and capped at FDP_MAX_GUESSES guesses."""
+    if not plans:
+        plans = [(f, 0.0) for f in fractions] + [(f, f) for f in fractions if f <= 0.25]
     if method == "f-dp-one-run":
-        plans = [(f, o) for f, o in plans if _k(f, m) <= FDP_MAX_GUESSES]
-    return plans
+        plans = [(f, o) for f, o in plans if o == 0 and _k(f, m) <= FDP_MAX_GUESSES]
+    return list(plans)
 
 
 def _calibrated_guesses(
@@ -370,8 +384,8 @@ def _calibrated_guesses(
     best = ("", GUESS_FRACTIONS[0], 0.0, -1.0)
     for name, s in scores.items():
         order = _ranking(s)
-        for f_in, f_out in _guess_plans(method, m, GUESS_FRACTIONS):
-            k_in, k_out = _k(f_in, m), (_k(f_out, m) if f_out else 0)
+        for f_in, f_out in _guess_plans(method, m):
+            k_in, k_out = _plan_counts(f_in, f_out, m)
             r, v = _guess_counts(order, inc, k_in, k_out)
             if v / r <= 0.5 and best[3] >= 0:
                 continue  # no better than a coin: cannot reject epsilon = 0
@@ -451,7 +465,7 @@ def _guess_method(method, audited, inc, cal, cal_inc, m, delta, beta, confidence
         plans, tests, selection = [(f_in, f_out)], 1, "guess counts chosen on calibration canaries"
         names = [name]
     else:
-        plans = _guess_plans(method, m, BONFERRONI_FRACTIONS)
+        plans = _guess_plans(method, m, plans=BONFERRONI_PLANS)
         tests = len(plans)
         selection = f"best of {tests} fixed guess counts, confidence split over them (Bonferroni)"
         names = [next(iter(audited))]
@@ -459,7 +473,7 @@ def _guess_method(method, audited, inc, cal, cal_inc, m, delta, beta, confidence
     for name in names:
         order = _ranking(audited[name])
         for f_in, f_out in plans:
-            k_in, k_out = _k(f_in, m), (_k(f_out, m) if f_out else 0)
+            k_in, k_out = _plan_counts(f_in, f_out, m)
             r, v = _guess_counts(order, inc, k_in, k_out)
             e = _guess_bound(method, m, r, v, delta, beta / tests)
             if e > best[0]:

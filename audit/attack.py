@@ -17,6 +17,7 @@ import attacks
 from attacks import AttackInputs, get_attack, summarize
 from mechanisms import build_model
 
+from .canary import audits_for_checkpoint
 from .checkpoint import apply_weights, load_checkpoint
 from .data import Dataset, load_verified
 from .executors import make_executor
@@ -253,6 +254,9 @@ def attack_target(request: AttackRequest, out: str | Path) -> dict[str, Any]:
         request=request,
         tid=tid,
     )
+    audits = audits_for_checkpoint(request.target, meta, delta=request.delta)
+    if audits:  # trained with gradient canaries ('mia-audit canary' or a run's target)
+        entry["canary_audits"] = audits
     results = results_document(data, meta["dataset"].get("options", {}), request.seed, [entry])
     write_json(out / "results.json", results)
     return results

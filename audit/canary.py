@@ -35,6 +35,7 @@ __all__ = [
 CANARY_FILE = "canaries.npz"
 THREAT_MODELS = ("white-box-steps", "white-box-final")
 DEFAULT_COUNT = 100_000
+DEFAULT_INPUTS = 1000
 # A canary costs a few float64 statistics and one coordinate of noise per step: 10^7 is about
 # 0.5 GB of state and seconds per step, beyond any audit's need (10^5-10^6 reach the ceilings).
 MAX_COUNT = 10_000_000
@@ -44,9 +45,11 @@ MAX_COUNT = 10_000_000
 class CanarySettings:
     """How many gradient canaries to plant and how to audit them.
 
-    ``count`` canaries in all (0: no canary audit), of which a ``calibration`` share only
-    chooses thresholds and guess counts; ``norm`` is a canary gradient's norm in units of the
-    clipping norm; ``confidence`` is that of every bound.
+    ``count`` gradient canaries in all (0: no white-box audit), of which a ``calibration``
+    share only chooses thresholds and guess counts; ``norm`` is a canary gradient's norm in
+    units of the clipping norm; ``threat_models`` the white-box ones. ``inputs`` input canaries
+    go into each target's canary twin for the black-box audit (0: no twin), of ``input_kind``
+    (audit.blackbox). ``confidence`` is that of every bound.
     """
 
     count: int = DEFAULT_COUNT
@@ -54,6 +57,8 @@ class CanarySettings:
     calibration: float = 0.25
     threat_models: tuple[str, ...] = THREAT_MODELS
     confidence: float = 0.95
+    inputs: int = DEFAULT_INPUTS
+    input_kind: str = "mislabelled"
 
     def __post_init__(self) -> None:
         if (
@@ -76,6 +81,16 @@ class CanarySettings:
             raise ValueError(f"calibration share must be in (0, 1), got {self.calibration!r}")
         if not isinstance(self.confidence, int | float) or not (0.5 < self.confidence < 1):
             raise ValueError(f"confidence must be in (0.5, 1), got {self.confidence!r}")
+        if (
+            isinstance(self.inputs, bool)
+            or not isinstance(self.inputs, int)
+            or not (0 <= self.inputs <= 10**6)
+        ):
+            raise ValueError(f"input canary count must be an integer in [0, 1,000,000], got {self.inputs!r}")
+        if 0 < self.inputs < 10:
+            raise ValueError(f"a black-box audit needs at least 10 input canaries, got {self.inputs}")
+        if self.input_kind not in ("mislabelled", "ood"):
+            raise ValueError(f"input_kind must be 'mislabelled' or 'ood', got {self.input_kind!r}")
         if not isinstance(self.threat_models, list | tuple):
             raise ValueError(f"threat models must be a list of names, got {self.threat_models!r}")
         models = tuple(self.threat_models)
@@ -88,10 +103,15 @@ class CanarySettings:
 
     @property
     def enabled(self) -> bool:
+        """Whether gradient canaries ride along in the targets (the white-box audit)."""
         return self.count > 0
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "threat_models": list(self.threat_models)}
+
+    def gradient_json(self) -> dict[str, Any]:
+        """The settings a target trained with gradient canaries depends on."""
+        return {k: v for k, v in self.to_json().items() if k not in ("inputs", "input_kind", "confidence")}
 
 
 def canary_seed(root: int) -> int:

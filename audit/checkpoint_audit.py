@@ -8,6 +8,11 @@ References are trained with a recipe given as TOML::
 
 Without a recipe only the reference-free attacks run, and the results say which attacks were
 not possible and why.
+
+A canary audit cannot be added to a model after it was trained: canaries must be in (or, at
+random, out of) the training set. A user who planted a canary set exported by ``mia-audit
+canary-set`` passes it with ``--canaries FILE.npz``; its canaries are then scored on the
+checkpoint (black box, by their loss) and bounded like a twin's.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import numpy as np
 from attacks import get_attack
 from mechanisms import build_model, config_from_mapping, get_mechanism
 
-from .attack import AttackRequest, attack_checkpoint, parse_attack_spec, results_document
+from .attack import AttackRequest, attack_checkpoint, default_queries, parse_attack_spec, results_document
+from .blackbox import blackbox_audit, canary_scores, load_input_canaries
 from .checkpoint import apply_weights, load_weights
 from .data import DataOptions, Dataset
 from .files import write_json
@@ -92,8 +98,14 @@ def audit_checkpoint(
     recipe: str | None,
     request: AttackRequest,
     out: str | Path,
+    canaries: str | None = None,
+    epsilon: float | None = None,
 ) -> dict[str, Any]:
+    """Attack a checkpoint trained elsewhere; with ``canaries`` (a canary file the user planted
+    in its training), also audit it black-box; ``epsilon`` is the epsilon its training claims,
+    to compare the bounds with (not verified: the entry says formal: false)."""
     out = Path(out)
+    planted = load_input_canaries(canaries, data) if canaries else None
     state = load_weights(weights)
     device = resolve_device(request.device)
     net = build_model(model, data.input_shape, data.num_classes).to(device)
@@ -136,6 +148,30 @@ def audit_checkpoint(
         request=request,
         tid="audit",
     )
+    if planted is not None:
+        scores = canary_scores(
+            inference.model,
+            planted,
+            device,
+            queries=request.queries or default_queries(data.input_shape),
+            stochastic=inference.stochastic,
+        )
+        entry["canary_audits"] = [
+            blackbox_audit(
+                scores,
+                planted,
+                delta=request.delta,
+                confidence=1 - request.alpha,
+                accountant_epsilon=epsilon,
+                formal=False,
+                extra={"canary_file": str(canaries)},
+            )
+        ]
+    else:
+        not_run.append(
+            "canary audit: not run, canaries cannot be added to a model after training; plant a canary "
+            "set from 'mia-audit canary-set' in its training and pass it with --canaries FILE.npz"
+        )
     entry["not_run"] = not_run
     entry["test_split"] = split
     results = results_document(data, data_options.to_json(), request.seed, [entry])

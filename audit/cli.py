@@ -271,9 +271,23 @@ def _add_canary_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--threat-model",
-        default="all",
-        choices=[*THREAT_MODELS, "all"],
-        help="what the auditor sees: every privatised step, or the final weights (default all)",
+        default=None,
+        choices=[*THREAT_MODELS, "white-box", "black-box", "all"],
+        help="what the auditor sees: every privatised step, the final weights (white-box: both; "
+        "gradient canaries), or only the outputs (black-box: input canaries in a canary twin); "
+        "default white-box for gradient mechanisms, else black-box",
+    )
+    g.add_argument(
+        "--input-canaries",
+        type=int,
+        default=1000,
+        help="black box: input canaries planted in the twin (default 1000)",
+    )
+    g.add_argument(
+        "--input-kind",
+        default="mislabelled",
+        choices=["mislabelled", "ood"],
+        help="black box: held-out images with a wrong label, or generated inputs (default mislabelled)",
     )
     g.add_argument(
         "--canary-norm", type=float, default=10.0, help="canary gradient norm in clipping norms (default 10)"
@@ -287,19 +301,30 @@ def _add_canary_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--confidence", type=float, default=0.95, help="confidence of every bound (default 0.95)")
 
 
-def _canary_settings(args: argparse.Namespace):
+def _canary_settings(args: argparse.Namespace, gradient: bool):
     from .canary import THREAT_MODELS, CanarySettings
 
-    if args.canaries < 1:
+    choice = args.threat_model or ("white-box" if gradient else "black-box")
+    white = {"all": THREAT_MODELS, "white-box": THREAT_MODELS, "black-box": ()}.get(choice, (choice,))
+    black = choice in ("all", "black-box")
+    if white and not gradient:
+        raise UsageError(
+            f"mechanism {args.mechanism!r} has no gradient to plant canaries in: audit it with "
+            "--threat-model black-box (input canaries in a canary twin)"
+        )
+    if white and args.canaries < 100:
         raise UsageError(f"--canaries must be at least 100, got {args.canaries}")
-    models = THREAT_MODELS if args.threat_model == "all" else (args.threat_model,)
+    if black and args.input_canaries < 10:
+        raise UsageError(f"--input-canaries must be at least 10, got {args.input_canaries}")
     try:
         return CanarySettings(
-            count=args.canaries,
+            count=args.canaries if white else 0,
             norm=args.canary_norm,
             calibration=args.calibration,
-            threat_models=models,
+            threat_models=white or THREAT_MODELS,
             confidence=args.confidence,
+            inputs=args.input_canaries if black else 0,
+            input_kind=args.input_kind,
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -309,11 +334,27 @@ def _print_canary_audits(target: dict[str, Any]) -> None:
     audits = target.get("canary_audits", [])
     if not audits:
         return
+    for audit in audits:
+        if audit["threat_model"] == "black-box":
+            twin = audit.get("twin")
+            where = "the canary twin's" if twin else "the"
+            line = (
+                f"black-box audit: {audit['m']:,} {audit['canary_kind']} input canaries "
+                f"({audit['included']:,} in {where} training set)"
+            )
+            if twin:
+                line += (
+                    f"; twin held-out accuracy {twin['test_accuracy']:.4f} "
+                    f"(target {twin['target_test_accuracy']:.4f} on the same examples)"
+                )
+            print(line)
+        elif audit["threat_model"] == "white-box-steps" or audit is audits[0]:
+            print(
+                f"white-box audit: {audit['m'] + audit['calibration_canaries']:,} {audit['canary_kind']} canaries "
+                f"({audit['m']:,} audited, {audit['calibration_canaries']:,} calibrating), "
+                f"{audit['steps']} released steps"
+            )
     first = audits[0]
-    print(
-        f"canary audit: {first['m'] + first['calibration_canaries']:,} {first['canary_kind']} canaries "
-        f"({first['m']:,} audited, {first['calibration_canaries']:,} calibrating), {first['steps']} released steps"
-    )
     print(f"{'threat model':18s} {'method':16s} {'eps_lb':>7s} {'valid':>6s} {'conf.':>6s}  counts")
     for audit in audits:
         for b in audit["bounds"]:
@@ -352,17 +393,18 @@ def _cmd_canary(args: argparse.Namespace) -> int:
     from .train import train_target
 
     mechanism = get_mechanism(args.mechanism)
-    if not mechanism.gradient_canaries:
-        supported = [n for n in mechanism_names() if get_mechanism(n).gradient_canaries]
+    settings = _canary_settings(args, mechanism.gradient_canaries)
+    data = load_dataset(args.dataset, _data_options(args))
+    held_out = data.population - data.population // 2  # the target's non-members
+    if settings.inputs and settings.input_kind == "mislabelled" and settings.inputs > held_out:
         raise UsageError(
-            f"mechanism {args.mechanism!r} has no gradient to plant canaries in; white-box canary audits "
-            f"support: {', '.join(supported)}"
+            f"--input-canaries {settings.inputs}: only {held_out} held-out examples of {data.id} can serve as "
+            "mislabelled canaries; ask for fewer, or --input-kind ood"
         )
-    request = _train_request(args, _canary_settings(args))
+    request = _train_request(args, settings)
     out = Path(args.out)
     meta = train_target(request, out)
     _print_trained(meta, out)
-    data = load_dataset(args.dataset, _data_options(args))
     privacy = meta["privacy"]
     entry = {
         "id": target_id(meta),
@@ -376,10 +418,59 @@ def _cmd_canary(args: argparse.Namespace) -> int:
         "attacks": {},
         "canary_audits": audits_for_checkpoint(out, meta, delta=1e-5),
     }
+    if settings.inputs:
+        from .attack import default_queries
+        from .blackbox import train_twin
+
+        entry["canary_audits"].append(
+            train_twin(
+                out,
+                data,
+                count=settings.inputs,
+                kind=settings.input_kind,
+                seed=args.seed,
+                device_name=args.device,
+                queries=default_queries(data.input_shape),
+                delta=1e-5,
+                confidence=settings.confidence,
+                progress=not args.quiet,
+            )
+        )
     results = results_document(data, meta["dataset"]["options"], args.seed, [entry])
     write_json(out / "results.json", results)
     _print_canary_audits(entry)
     print(f"wrote {out / 'results.json'} and {render_report(out, data=data)}")
+    return EXIT_OK
+
+
+def _cmd_canary_set(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .blackbox import input_canary_seed, make_input_canaries, save_input_canaries
+    from .checkpoint_audit import read_members
+    from .data import load_dataset
+
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise UsageError(f"--out must name a .npz file, got {str(out)!r}")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    if args.count < 10:
+        raise UsageError(f"--count must be at least 10, got {args.count}")
+    data = load_dataset(args.dataset, _data_options(args))
+    if args.members or args.member_indices:
+        held_out = ~read_members(data.population, args.members, args.member_indices)
+    else:
+        held_out = np.ones(data.population, dtype=bool)
+    canaries = make_input_canaries(
+        data, held_out, args.count, args.kind, np.random.default_rng(input_canary_seed(args.seed))
+    )
+    save_input_canaries(out, canaries)
+    print(
+        f"wrote {out}: {args.count} {args.kind} canaries of {data.id}, {int(canaries.included.sum())} to plant "
+        "(arrays x, labels, included, source). Add x[included] with labels[included] to the training set, "
+        "train, then run 'mia-audit audit WEIGHTS ... --canaries' with this file."
+    )
     return EXIT_OK
 
 
@@ -410,8 +501,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         recipe=args.recipe,
         request=request,
         out=out,
+        canaries=args.canaries,
+        epsilon=args.claimed_epsilon,
     )
     _print_results(results, out)
+    for target in results["targets"]:
+        _print_canary_audits(target)
     print(f"wrote {render_report(out, data=data)}")
     return EXIT_OK
 
@@ -530,7 +625,33 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--members", help="bool [N] .npy mask of the population's training members")
     audit.add_argument("--member-indices", help="member indices: .npy int array or a text file, one per line")
     audit.add_argument("--recipe", help="TOML with [recipe] mechanism and options, for reference models")
+    audit.add_argument(
+        "--canaries",
+        help="canary file (from 'mia-audit canary-set') whose included canaries were planted in the training "
+        "set: audits the checkpoint black-box",
+    )
+    audit.add_argument(
+        "--claimed-epsilon",
+        type=float,
+        help="the epsilon the checkpoint's training claims, to compare bounds with",
+    )
     _add_attack_args(audit)
+    cset = sub.add_parser(
+        "canary-set",
+        help="export input canaries to plant in your own training, for 'audit --canaries'",
+        description="Draw input canaries (held-out images of the dataset with a random wrong label, or "
+        "generated inputs), each marked for inclusion with probability 1/2, and write them to a .npz "
+        "file. Plant the included ones in your training set; 'mia-audit audit --canaries' then bounds "
+        "epsilon black-box from the trained model.",
+    )
+    _add_data_args(cset)
+    cset.add_argument("--count", type=int, default=1000, help="number of canaries (default 1000)")
+    cset.add_argument("--kind", default="mislabelled", choices=["mislabelled", "ood"], help="canary kind")
+    cset.add_argument("--members", help="bool [N] .npy mask of your training members (canaries avoid them)")
+    cset.add_argument("--member-indices", help="member indices (.npy or text, one per line)")
+    cset.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    cset.add_argument("--out", required=True, help="output .npz file")
+    cset.add_argument("--overwrite", action="store_true", help="replace an existing file")
     report = sub.add_parser("report", help="re-render report.html and summary.md of a run directory")
     report.add_argument("run_dir")
     gate = sub.add_parser(
@@ -556,6 +677,7 @@ _COMMANDS = {
     "run": _cmd_run,
     "train": _cmd_train,
     "canary": _cmd_canary,
+    "canary-set": _cmd_canary_set,
     "attack": _cmd_attack,
     "audit": _cmd_audit,
     "report": _cmd_report,

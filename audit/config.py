@@ -65,7 +65,7 @@ class RunConfig:
     device: str = "auto"
     mechanisms: tuple[MechanismSpec, ...] = ()
     gate: GateLimits = field(default_factory=GateLimits)
-    canaries: CanarySettings = field(default_factory=lambda: CanarySettings(count=0))
+    canaries: CanarySettings = field(default_factory=lambda: CanarySettings(count=0, inputs=0))
     source: str = ""
 
     def to_toml(self) -> str:
@@ -107,6 +107,8 @@ class RunConfig:
             f"calibration = {c.calibration}",
             f"threat_models = {_toml(list(c.threat_models))}",
             f"confidence = {c.confidence}",
+            f"inputs = {c.inputs}",
+            f'input_kind = "{c.input_kind}"',
         ]
         g = self.gate
         lines += ["", "[gate]", f"epsilon_margin = {g.epsilon_margin}"]
@@ -197,7 +199,7 @@ def load_config(path: str | None = None, *, preset: str | None = None) -> RunCon
     )
     try:
         # a [canaries] table turns the audit on (default count); without one it is off
-        canaries = CanarySettings(**canary_raw) if "canaries" in raw else CanarySettings(count=0)
+        canaries = CanarySettings(**canary_raw) if "canaries" in raw else CanarySettings(count=0, inputs=0)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source} [canaries]: {err}") from err
     gate_raw = _take(raw.get("gate", {}), {f.name for f in fields(GateLimits)}, f"{source} [gate]")

@@ -16,6 +16,7 @@ from mechanisms import get_mechanism
 from reports import TargetArrays, render_html, render_markdown
 
 from .attack import AttackRequest, attack_checkpoint, load_results, results_document
+from .blackbox import train_twin
 from .canary import audits_for_checkpoint
 from .checkpoint import load_checkpoint
 from .config import RunConfig
@@ -59,9 +60,16 @@ def run(
         )
     if out.is_dir() and any(out.iterdir()) and not existing.is_file() and not overwrite:
         raise ValueError(f"output directory {str(out)!r} already holds other files; pass --overwrite")
-    write_text(existing, resolved)
     data_opts = DataOptions(**config.data_options)
     data = load_dataset(config.dataset, data_opts)
+    held_out = data.population - data.population // 2  # every target's non-members
+    c = config.canaries
+    if c.inputs and c.input_kind == "mislabelled" and c.inputs > held_out:
+        raise ValueError(
+            f"[canaries] inputs = {c.inputs}: only {held_out} held-out examples of {data.id} can serve as "
+            'mislabelled canaries; ask for fewer, or input_kind = "ood"'
+        )
+    write_text(existing, resolved)
     request = AttackRequest(
         target="",
         attacks=config.attacks,
@@ -120,6 +128,25 @@ def run(
         )
         if canaries is not None:
             entry["canary_audits"] = audits_for_checkpoint(tdir, ck.meta, delta=config.delta)
+        if config.canaries.inputs > 0:
+            if progress:
+                print(
+                    f"[{k}/{len(plan)}] canary twin of {tid}: {config.canaries.inputs} input canaries",
+                    flush=True,
+                )
+            twin = train_twin(
+                tdir,
+                data,
+                count=config.canaries.inputs,
+                kind=config.canaries.input_kind,
+                seed=config.seed,
+                device_name=config.device,
+                queries=entry["queries"],
+                delta=config.delta,
+                confidence=config.canaries.confidence,
+                progress=progress,
+            )
+            entry.setdefault("canary_audits", []).append(twin)
         entries.append(entry)
     results = results_document(data, data_opts.to_json(), config.seed, entries)
     write_json(out / "results.json", results)
@@ -136,7 +163,9 @@ def _has_canaries(tdir: Path, wanted: Any) -> bool:
 
     meta = json.loads((tdir / "model.json").read_text(encoding="utf-8"))
     have = meta.get("canaries") or {}
-    return all(have.get(k) == v for k, v in wanted.to_json().items()) and (tdir / "canaries.npz").is_file()
+    return (
+        all(have.get(k) == v for k, v in wanted.gradient_json().items()) and (tdir / "canaries.npz").is_file()
+    )
 
 
 def _arrays(run_dir: Path, tid: str) -> TargetArrays | None:

@@ -104,12 +104,14 @@ def fit(
     device: torch.device,
     progress: bool = False,
     canaries: Any = None,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Fitted:
     """Build ``model_name``, train it with ``mechanism_name`` on ``data[members]``.
 
     The one code path for targets and reference models: same recipe, same maths. With
     ``canaries`` (a ``GradientCanaries``; the mechanism must support them) a white-box canary
-    audit rides along; the model's weights are the same as without.
+    audit rides along; the model's weights are the same as without. ``extra`` examples (x, y)
+    are appended to the members (a canary twin's input canaries).
     """
     mechanism = get_mechanism(mechanism_name)
     config = config_from_mapping(mechanism.config_type, {**options, "progress": progress})
@@ -122,6 +124,8 @@ def fit(
     generator.manual_seed(train_seed)
     mask = torch.from_numpy(np.asarray(members, dtype=bool))
     x, y = data.x[mask].to(device), data.y[mask].to(device)
+    if extra is not None:
+        x, y = torch.cat([x, extra[0].to(device, x.dtype)]), torch.cat([y, extra[1].to(device, y.dtype)])
     if canaries is not None and not mechanism.gradient_canaries:
         raise ValueError(
             f"mechanism {mechanism_name!r} has no gradient to plant canaries in (white-box canaries need a "
@@ -241,6 +245,10 @@ def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
     }
     if fitted.canaries is not None:
         assert request.canaries is not None
-        meta["canaries"] = {**request.canaries.to_json(), **save_record(out, fitted.canaries)}
+        meta["canaries"] = {
+            **request.canaries.gradient_json(),
+            "confidence": request.canaries.confidence,
+            **save_record(out, fitted.canaries),
+        }
     save_checkpoint(out, result.state_dict, meta, keep)
     return meta

@@ -186,7 +186,10 @@ def render_html(
         f"<p>Dataset <b>{html.escape(str(ds['id']))}</b> ({ds['population']} examples), seed "
         f"{results['seed']}, {len(targets)} target(s). Scores: higher = more likely a member; AUC is "
         "never flipped; TPR at FPR uses FPR ≤ level without interpolation; intervals are stratified "
-        "bootstrap 95%; ε lower bounds are Clopper-Pearson (threshold chosen on a held-out half).</p>",
+        "bootstrap 95%; the attacks' ε lower bounds are Clopper-Pearson (threshold chosen on a held-out "
+        "half); canary audits bound ε from canaries planted on purpose (white box: gradient canaries "
+        "riding along in training; black box: input canaries in a canary twin), each bound with its "
+        "method and confidence.</p>",
     ]
     for note in notes or []:
         parts.append(f"<p class='warn'>{html.escape(note)}</p>")
@@ -249,11 +252,28 @@ def render_html(
         if t.get("canary_audits"):
             first = t["canary_audits"][0]
             parts.append("<h3>Canary audits</h3>")
+            notes = []
+            for audit in t["canary_audits"]:
+                if audit["threat_model"] == "black-box":
+                    twin = audit.get("twin", {})
+                    notes.append(
+                        f"Black box: {audit['m']:,} {audit['canary_kind']} input canaries, each included with "
+                        "probability 1/2 in a canary twin (the target's recipe and seed plus the included "
+                        f"canaries; held-out accuracy {twin.get('test_accuracy', float('nan')):.4f}, target "
+                        f"{twin.get('target_test_accuracy', float('nan')):.4f}); scored by their loss on the "
+                        "twin's outputs; guess counts from a fixed grid (Bonferroni)."
+                    )
+                elif audit is first or audit["threat_model"] == "white-box-steps":
+                    notes.append(
+                        f"White box: {audit['m'] + audit['calibration_canaries']:,} gradient canaries, each "
+                        "included with probability 1/2; the calibrating ones only choose thresholds and guess "
+                        f"counts. {audit['steps']} released steps."
+                    )
             parts.append(
-                f"<p class='note'>{first['m'] + first['calibration_canaries']:,} {first['canary_kind']} canaries, "
-                "each included with probability 1/2; the calibrating ones only choose thresholds and "
-                f"guess counts. {first['steps']} released steps. Valid bounds hold at their confidence "
-                "whatever the mechanism; estimates and f-DP bounds assume a Gaussian privacy curve.</p>"
+                "<p class='note'>"
+                + html.escape(" ".join(dict.fromkeys(notes)))
+                + " Valid bounds hold at their confidence whatever the mechanism; estimates and f-DP bounds "
+                "assume a Gaussian privacy curve.</p>"
             )
             parts.append(_table(_CANARY_HEAD, _canary_rows(t)))
             eps = first.get("accountant_epsilon")

@@ -130,6 +130,11 @@ def test_canary_command_audits_a_mechanism(tmp_path, capsys):
     assert (out / "report.html").is_file() and (out / "canaries.npz").is_file()
     # the gate checks it against the accountant with no baseline needed
     assert main(["gate", str(out / "results.json")]) == 0
+    # attacking the checkpoint later carries its canary audits along
+    attacked = tmp_path / "attacked"
+    assert main(["attack", "--target", str(out), "--attacks", "loss", "--quiet", "--out", str(attacked)]) == 0
+    (again,) = json.loads((attacked / "results.json").read_text())["targets"]
+    assert again["canary_audits"] == target["canary_audits"] and "loss" in again["attacks"]
     # the same output folder is not overwritten
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
 
@@ -137,7 +142,14 @@ def test_canary_command_audits_a_mechanism(tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--mechanism", "residual", "--model", "resnet8"], "no gradient to plant canaries"),
+        (
+            ["--mechanism", "residual", "--model", "resnet8", "--threat-model", "white-box"],
+            "no gradient to plant",
+        ),
+        (
+            ["--mechanism", "sgd", "--threat-model", "black-box", "--input-canaries", "1000"],
+            "only 899 held-out",
+        ),
         (["--mechanism", "dpsgd", "--noise-multiplier", "1", "--canaries", "50"], "at least 100"),
         (["--mechanism", "dpsgd", "--noise-multiplier", "1", "--calibration", "1.5"], "calibration"),
         (["--mechanism", "dpsgd", "--noise-multiplier", "1", "--canary-norm", "0.5"], "norm"),

@@ -34,6 +34,7 @@ budgets = [8.0]
 options = { epochs = 3, batch_size = 50, lr = 0.5 }
 [canaries]
 count = 2000
+inputs = 60
 [gate]
 epsilon_margin = 1.0
 """
@@ -66,7 +67,10 @@ def test_run_audits_every_gradient_target_with_canaries(run_dir):
     results = json.loads((out / "results.json").read_text())
     for target in results["targets"]:
         audits = target["canary_audits"]
-        assert [a["threat_model"] for a in audits] == ["white-box-steps", "white-box-final"]
+        assert [a["threat_model"] for a in audits] == ["white-box-steps", "white-box-final", "black-box"]
+        black = audits.pop()
+        assert black["m"] == 60 and {b["method"] for b in black["bounds"]} == {"one-run", "f-dp-one-run"}
+        assert (out / "targets" / target["id"] / "twin" / "input_canaries.npz").is_file()
         for a in audits:
             assert a["canary_kind"] == "gradient" and a["m"] + a["calibration_canaries"] == 2000
             assert {b["method"] for b in a["bounds"]} == {
@@ -398,14 +402,18 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
 
 @settings(max_examples=150, deadline=None)
 @given(
-    key=st.sampled_from(["count", "norm", "calibration", "threat_models", "confidence", "bogus"]),
+    key=st.sampled_from(
+        ["count", "norm", "calibration", "threat_models", "confidence", "inputs", "input_kind", "bogus"]
+    ),
     value=st.one_of(
         st.integers(-(10**12), 10**12),
         st.floats(allow_nan=True, allow_infinity=True),
         st.booleans(),
         st.text(alphabet="abc-xyz01 ", max_size=5),
         st.lists(st.one_of(st.text(alphabet="white-boxstepsfinal", max_size=20), st.integers()), max_size=3),
-        st.sampled_from([["white-box-steps"], ["white-box-final", "white-box-steps"], 0.3, 0.99, 2000]),
+        st.sampled_from(
+            [["white-box-steps"], ["white-box-final", "white-box-steps"], 0.3, 0.99, 2000, "ood"]
+        ),
     ),
 )
 def test_canaries_table_fuzz_loads_or_says_what_is_wrong(tmp_path_factory, key, value):
@@ -414,7 +422,7 @@ def test_canaries_table_fuzz_loads_or_says_what_is_wrong(tmp_path_factory, key, 
     from audit.config import _toml
 
     path = tmp_path_factory.mktemp("fuzz") / "c.toml"
-    text = SMALL.replace("[canaries]\ncount = 2000", f"[canaries]\n{key} = {_toml(value)}")
+    text = SMALL.replace("[canaries]\ncount = 2000\ninputs = 60", f"[canaries]\n{key} = {_toml(value)}")
     path.write_text(text)
     try:
         config = load_config(str(path))
