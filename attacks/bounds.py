@@ -354,9 +354,12 @@ def _best_threshold(
     return best[0], best[1]
 
 
-def _guess_bound(method: str, m: int, r: int, v: int, delta: float, beta: float) -> float:
+def _guess_bound(
+    method: str, m: int, r: int, v: int, delta: float, beta: float, coarse: bool = False
+) -> float:
+    """One guess plan's bound; ``coarse`` (for ranking plans only) bisects to 1e-3."""
     if method == "one-run":
-        return one_run_epsilon_lower_bound(m, r, v, delta=delta, beta=beta)
+        return one_run_epsilon_lower_bound(m, r, v, delta=delta, beta=beta, tol=1e-3 if coarse else 1e-6)
     return fdp_one_run_epsilon(m, r, v, delta=delta, beta=beta)
 
 
@@ -389,7 +392,9 @@ def _calibrated_guesses(
             r, v = _guess_counts(order, inc, k_in, k_out)
             if v / r <= 0.5 and best[3] >= 0:
                 continue  # no better than a coin: cannot reject epsilon = 0
-            e = _guess_bound(method, m, r, v, delta, beta)
+            if method == "one-run" and best[3] > 0 and v / r <= math.exp(best[3]) / (1 + math.exp(best[3])):
+                continue  # its bound is below logit(v / r), which cannot beat the best so far
+            e = _guess_bound(method, m, r, v, delta, beta, coarse=True)
             if e > best[3]:
                 best = (name, f_in, f_out, e)
     return best[0], best[1], best[2]

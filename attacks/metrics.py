@@ -193,14 +193,15 @@ def split_epsilon_lower_bound(
 
 
 def one_run_epsilon_lower_bound(
-    canaries: int, guesses: int, correct: int, *, delta: float = 0.0, beta: float = 0.05
+    canaries: int, guesses: int, correct: int, *, delta: float = 0.0, beta: float = 0.05, tol: float = 1e-6
 ) -> float:
     """One-run audit bound (Steinke, Nasr, Jagielski 2023, Theorem 3 with the delta term).
 
     ``canaries`` m were each included with probability 1/2; the auditor made ``guesses`` r and
     ``correct`` v of them were right. Returns ``sup{eps : p(eps, delta) < beta}`` where
     ``p = P[Bin(r, q) >= v] + 2 m delta max_{1<=i<=v} P[v - i <= Bin(r, q) < v] / i`` and
-    ``q = e^eps / (1 + e^eps)``; 0 when even eps = 0 is not rejected.
+    ``q = e^eps / (1 + e^eps)``; 0 when even eps = 0 is not rejected. It never exceeds
+    ``logit(correct / guesses)``: the binomial test needs a precision above q.
 
     >>> one_run_epsilon_lower_bound(1000, 100, 50)
     0.0
@@ -224,7 +225,7 @@ def one_run_epsilon_lower_bound(
     lo, hi = 0.0, 1.0
     while p_value(hi) < beta and hi < 100:
         lo, hi = hi, hi * 2
-    while hi - lo > 1e-6:  # the bound is returned to 1e-6, rounded down
+    while hi - lo > tol:  # the bound is returned to ``tol``, rounded down
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if p_value(mid) < beta else (lo, mid)
     return lo

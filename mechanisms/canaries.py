@@ -61,10 +61,10 @@ class StepLaw:
             raise ValueError(f"Student-t degrees of freedom must be > 0, got {self.df}")
 
     def _step_log_ratio(self, x: torch.Tensor) -> torch.Tensor:
-        """log p(x - shift) / p(x) of the noise density (float64)."""
+        """log p(x - shift) / p(x) of the noise density, elementwise (a new tensor)."""
         a, s = self.shift, self.scale
         if self.noise == "gaussian":
-            return (2.0 * a * x - a * a) / (2.0 * s * s)
+            return x * (a / (s * s)) - (a * a) / (2.0 * s * s)
         if self.noise == "laplace":
             return (x.abs() - (x - a).abs()) / s
         nu = self.df
@@ -72,16 +72,18 @@ class StepLaw:
 
     def log_ratio(self, x: torch.Tensor) -> torch.Tensor:
         """Per-step log-likelihood ratio ``log(1 - q + q p(x - shift) / p(x))``: included vs
-        excluded, for observations ``x`` (float64). For ``none`` the observation in units of the
-        shift (the number of times the canary was seen) stands in: the ratio is infinite."""
-        x = x.to(torch.float64)
+        excluded, for observations ``x`` (in x's dtype; float32 suffices for one step, the
+        sums over steps are kept in float64). For ``none`` the observation in units of the shift
+        (the number of times the canary was seen) stands in: the ratio is infinite."""
         if self.noise == "none":
             return x / self.shift
         q = self.sample_rate
         step = self._step_log_ratio(x)
         if q >= 1.0:
             return step
-        return torch.logaddexp(torch.full_like(step, math.log1p(-q)), step + math.log(q))
+        # log(1 - q + q e^L) = log(1 - q) + softplus(L + log q - log(1 - q)), stable for any L
+        keep = math.log1p(-q)
+        return torch.nn.functional.softplus(step.add_(math.log(q) - keep)).add_(keep)
 
     def to_json(self) -> dict[str, float | str]:
         return {
@@ -179,11 +181,10 @@ class GradientCanaries:
         return [self.block]
 
     def draw(self, sample_rate: float, sampler) -> CanaryLot:
-        """This step's canary lot: ``sampler(m, q, generator)`` (the mechanism's own Poisson
-        sampler, with the canaries' generator) keeps each canary with probability q; only
-        included canaries take part."""
-        lot = sampler(self.count, sample_rate, self.generator)
-        lot = lot[self.included[lot]]
+        """This step's canary lot: the mechanism's own Poisson sampler ``sampler(n, q,
+        generator)``, with the canaries' generator, over the included canaries (excluded ones
+        never take part): each joins with probability q."""
+        lot = self._included_index[sampler(len(self._included_index), sample_rate, self.generator)]
         return CanaryLot(lot, self.count, self.norm, self.generator, self.block.dtype)
 
     def draw_epoch(self, steps: int) -> torch.Tensor:
@@ -213,10 +214,10 @@ class GradientCanaries:
             raise RuntimeError("no pending canary step to commit")
         if self.law is None:
             raise RuntimeError("the mechanism did not set the canaries' law")
-        x = self._pending.to(torch.float64)
-        self.stats.llr += self.law.log_ratio(x)
-        self.stats.total += x
-        self.stats.squares += x * x
+        x = self._pending
+        self.stats.llr.add_(self.law.log_ratio(x))
+        self.stats.total.add_(x)
+        self.stats.squares.addcmul_(x, x)
         self.stats.steps += 1
         self._pending = None
 
