@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from .canary import audits_for_checkpoint
 from .checkpoint import apply_weights, load_checkpoint
 from .data import Dataset, load_verified
 from .executors import make_executor
-from .files import atomic_write, write_json, write_npy
+from .files import atomic_write, check_id, inside, write_json, write_npy
 from .references import Recipe, ensure_references
 from .signals import model_logits
 from .train import released, resolve_device
@@ -56,17 +57,59 @@ class AttackRequest:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    model: str | None = None  # the architecture the user typed (confirms a user factory)
+
+    def __post_init__(self) -> None:
+        def count(name: str, lo: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+        count("references", 0)
+        count("resamples", MIN_RESAMPLES)
+        if self.workers is not None:
+            count("workers", 1)
+        if self.queries is not None:
+            count("queries", 1)
+        for name, lo, hi in (("alpha", 0.0, 1.0), ("delta", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (lo < value < hi):
+                raise ValueError(f"{name} must be a number in ({lo:g}, {hi:g}), got {value!r}")
+        if not self.fpr_levels:
+            raise ValueError("give at least one FPR level")
+        for level in self.fpr_levels:
+            if isinstance(level, bool) or not isinstance(level, int | float) or not (0 < level < 1):
+                raise ValueError(f"FPR levels must be numbers in (0, 1), got {level!r}")
+        if not self.attacks:
+            raise ValueError("give at least one attack")
 
 
-def _value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
+# Fewer bootstrap resamples give intervals too coarse to mean anything (a 95% percentile
+# interval from 20 resamples is set by one value at each end).
+MIN_RESAMPLES = 100
+
+
+def _value(text: str, kind: Any) -> Any:
+    """An attack option's value parsed strictly for its annotated type (bool: true/false).
+
+    Annotations may be strings (``from __future__ import annotations``): ``"bool | None"``
+    parses as a bool.
+    """
+    if isinstance(kind, str):
+        names = [k for k in kind.replace(" ", "").split("|") if k != "None"]
+        kind = names[0] if len(names) == 1 else kind
+    if kind is bool or kind == "bool":
+        low = text.lower()
+        if low not in ("true", "false"):
+            raise ValueError(f"expected true or false, got {text!r}")
         return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
+    if kind in (int, "int"):
+        return int(text)
+    if kind in (float, "float"):
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {text!r}")
+        return value
     return text
 
 
@@ -78,7 +121,9 @@ def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """
     name, *parts = spec.split(":")
     attack = get_attack(name)
-    accepted = [p for p in inspect.signature(attack.fn).parameters if p != "inputs"]
+    accepted = {
+        p: param.annotation for p, param in inspect.signature(attack.fn).parameters.items() if p != "inputs"
+    }
     options: dict[str, Any] = {}
     for part in parts:
         key, sep, value = part.partition("=")
@@ -88,16 +133,24 @@ def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
                 f"bad option {part!r} for attack {name!r}; accepted: "
                 f"{', '.join(f'{a}=VALUE' for a in accepted) or 'none'}"
             )
-        options[key] = _value(value)
+        try:
+            options[key] = _value(value, accepted[key])
+        except ValueError as err:
+            raise ValueError(f"bad value for {name}:{key}: {err}") from None
     return name, options
 
 
 def target_id(meta: dict[str, Any]) -> str:
-    """``<mechanism>`` plus ``-eps<epsilon>`` when the run has a formal epsilon."""
+    """``<mechanism>`` plus ``-eps<epsilon>`` when the run has a formal epsilon.
+
+    It names a folder of the output, so it must follow ``files.ID_RULE`` (a ``model.json`` is
+    input: its mechanism field is checked, never joined into a path as it is).
+    """
     privacy = meta.get("privacy", {})
-    if privacy.get("formal") and privacy.get("epsilon") is not None:
-        return f"{meta['mechanism']}-eps{privacy['epsilon']:.3g}"
-    return str(meta["mechanism"])
+    mechanism = check_id(meta.get("mechanism"), "model.json mechanism")
+    if privacy.get("formal") and isinstance(privacy.get("epsilon"), int | float):
+        return check_id(f"{mechanism}-eps{privacy['epsilon']:.3g}", "target id")
+    return mechanism
 
 
 def default_queries(input_shape: tuple[int, ...]) -> int:
@@ -242,6 +295,14 @@ def attack_target(request: AttackRequest, out: str | Path) -> dict[str, Any]:
     out = Path(out)
     checkpoint = load_checkpoint(request.target)
     meta = checkpoint.meta
+    named = meta.get("model")
+    if not isinstance(named, str):
+        raise ValueError(f"{request.target}/model.json: 'model' must be a model name, got {named!r}")
+    if ":" in named and named != request.model:
+        raise ValueError(
+            f"{request.target}/model.json names the user model factory {named!r}: mia-audit imports and "
+            f"runs a factory only when you name it yourself; pass --model {named} to confirm"
+        )
     data = load_target_data(meta)
     tid = target_id(meta)
     entry = attack_checkpoint(
@@ -249,8 +310,8 @@ def attack_target(request: AttackRequest, out: str | Path) -> dict[str, Any]:
         checkpoint.state_dict,
         checkpoint.keep,
         data,
-        target_dir=out / "targets" / tid,
-        references_dir=out / "references" / tid,
+        target_dir=inside(out, "targets", tid),
+        references_dir=inside(out, "references", tid),
         request=request,
         tid=tid,
     )

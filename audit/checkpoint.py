@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .files import atomic_write, write_json, write_npy
+from .schema import SchemaError, validate_model_meta
 
 __all__ = [
     "Checkpoint",
@@ -107,6 +108,13 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     directory = Path(directory)
     if not (directory / META).is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: {META} is missing")
-    meta = json.loads((directory / META).read_text(encoding="utf-8"))
+    try:
+        meta = json.loads((directory / META).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{directory / META}: not valid JSON ({type(err).__name__})") from None
+    try:
+        validate_model_meta(meta, str(directory / META))
+    except SchemaError as err:
+        raise CheckpointError(str(err)) from None
     keep = np.load(directory / KEEP, allow_pickle=False)
     return Checkpoint(load_weights(directory / WEIGHTS), meta, keep)

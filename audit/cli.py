@@ -1,4 +1,6 @@
-"""The ``mia-audit`` command line. Exit codes: 0 success, 1 gate failed, 2 usage/input error."""
+"""The ``mia-audit`` command line. Exit codes: 0 success, 1 gate failed (and only that), 2 usage,
+configuration or input error, 3 an unexpected internal error (a bug: one line, the traceback
+with ``--debug``), 130 interrupted."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .gate import GateError
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 class UsageError(ValueError):
@@ -194,6 +196,7 @@ def _attack_request(args: argparse.Namespace, target: str = ""):
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,
+        model=getattr(args, "model", None),
     )
 
 
@@ -539,20 +542,22 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 
     from .files import write_text
     from .gate import accountant_checks, compare, junit_xml, load_gate_limits
+    from .schema import validate_results
 
     def read(path: str, what: str) -> dict:
         try:
-            return json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise GateError(f"cannot read {what} {path!r}: {err}") from err
+        except RecursionError:
+            raise GateError(f"cannot read {what} {path!r}: nested too deeply") from None
+        return validate_results(doc, f"{what} {path}")
 
     current = read(args.results, "results")
     if args.update_baseline:
         if not args.baseline:
             raise UsageError("--update-baseline needs --baseline FILE")
-        if current.get("schema") != "mia-audit/results/v1":
-            raise GateError(f"{args.results} is not a mia-audit results file")
-        shutil.copyfile(args.results, args.baseline)
+        shutil.copyfile(args.results, args.baseline)  # validated by read(): only results the gate accepts
         print(f"baseline {args.baseline} updated from {args.results}")
         return EXIT_OK
     checks = accountant_checks(current)
@@ -594,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Membership-inference auditing for PyTorch: train privately, attack, measure leakage.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser("run", help="train, attack and report every mechanism x budget of a configuration")
     run.add_argument("config", nargs="?", help="CONFIG.toml (default: the quick preset)")
@@ -615,6 +621,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_canary_args(canary)
     attack = sub.add_parser("attack", help="attack a trained target with membership inference")
     attack.add_argument("--target", required=True, help="checkpoint directory written by 'mia-audit train'")
+    attack.add_argument(
+        "--model",
+        help="confirm a user model factory (package.module:factory) that the checkpoint's model.json names: "
+        "its code is imported only when you type it",
+    )
     _add_attack_args(attack)
     audit = sub.add_parser("audit", help="audit a checkpoint trained elsewhere")
     audit.add_argument("checkpoint", help="weights: .safetensors, or a .pt/.pth state dict")
@@ -710,6 +721,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mia-audit: interrupted; finished files are kept, nothing half-written", file=sys.stderr)
         return 130
+    except Exception as err:  # anything else is a bug of ours: never exit 1 (a gate failure)
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(
+            f"mia-audit: internal error: {type(err).__name__}: {err} (a bug in mia-audit; rerun with "
+            "--debug for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

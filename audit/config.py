@@ -8,6 +8,7 @@ CI) and ``paper`` (larger). See the README for every key.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -15,8 +16,41 @@ from pathlib import Path
 from typing import Any
 
 from .canary import CanarySettings
+from .files import check_id
 
 __all__ = ["GateLimits", "MechanismSpec", "RunConfig", "load_config", "preset_names"]
+
+
+def _typed(table: dict[str, Any], where: str, **kinds: Any) -> None:
+    """Check the types of ``table``'s keys that are present: ``int``, ``float`` (ints too),
+    ``str``, ``bool``, ``"strs"`` / ``"floats"`` (lists of), or ``dict``. Booleans are not
+    numbers here."""
+    for key, kind in kinds.items():
+        if key not in table:
+            continue
+        v = table[key]
+        number = isinstance(v, int | float) and not isinstance(v, bool)
+        ok = {
+            int: isinstance(v, int) and not isinstance(v, bool),
+            float: number and math.isfinite(v),
+            str: isinstance(v, str),
+            bool: isinstance(v, bool),
+            dict: isinstance(v, dict),
+            "strs": isinstance(v, list) and all(isinstance(x, str) for x in v),
+            "floats": isinstance(v, list)
+            and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v),
+        }[kind]
+        if not ok:
+            expected = {
+                int: "an integer",
+                float: "a finite number",
+                str: "a string",
+                bool: "true or false",
+                dict: "a table",
+                "strs": "a list of strings",
+                "floats": "a list of numbers",
+            }[kind]
+            raise ValueError(f"{where}: {key} must be {expected}, got {v!r}")
 
 
 def _take(table: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
@@ -177,17 +211,59 @@ def load_config(path: str | None = None, *, preset: str | None = None) -> RunCon
             f"{source} [data]",
         )
     )
+    _typed(raw, source, seed=int, data=dict, target=dict, attack=dict, gate=dict, canaries=dict)
+    _typed(
+        data,
+        f"{source} [data]",
+        dataset=str,
+        data_root=str,
+        download=bool,
+        label_column=str,
+        synthetic_samples=int,
+        synthetic_features=int,
+        synthetic_classes=int,
+        synthetic_seed=int,
+    )
     target = _take(raw.get("target", {}), {"model", "queries"}, f"{source} [target]")
+    _typed(target, f"{source} [target]", model=str, queries=int)
     attack = _take(
         raw.get("attack", {}),
         {"attacks", "references", "workers", "fpr_levels", "delta", "alpha", "resamples", "device"},
         f"{source} [attack]",
     )
+    _typed(
+        attack,
+        f"{source} [attack]",
+        attacks="strs",
+        references=int,
+        workers=int,
+        fpr_levels="floats",
+        delta=float,
+        alpha=float,
+        resamples=int,
+        device=str,
+    )
+    if not isinstance(raw.get("mechanisms", []), list):
+        raise ValueError(f"{source}: [[mechanisms]] must be an array of tables")
     mechs = []
     for i, m in enumerate(raw.get("mechanisms", [])):
+        if not isinstance(m, dict):
+            raise ValueError(f"{source} [[mechanisms]] #{i + 1} must be a table")
         _take(m, {"name", "options", "budgets", "model", "id"}, f"{source} [[mechanisms]] #{i + 1}")
+        _typed(
+            m,
+            f"{source} [[mechanisms]] #{i + 1}",
+            name=str,
+            options=dict,
+            budgets="floats",
+            model=str,
+            id=str,
+        )
         if "name" not in m:
             raise ValueError(f"{source} [[mechanisms]] #{i + 1} needs a name")
+        check_id(m["name"], f"{source} [[mechanisms]] #{i + 1} name")
+        if m.get("id") is not None:
+            check_id(m["id"], f"{source} [[mechanisms]] #{i + 1} id")
         budgets = tuple(float(b) for b in m.get("budgets", []))
         mechs.append(
             MechanismSpec(m["name"], dict(m.get("options", {})), budgets, m.get("model"), m.get("id"))

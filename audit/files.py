@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,40 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "write_json", "write_npy", "write_text"]
+__all__ = ["ID_RULE", "atomic_write", "check_id", "inside", "write_json", "write_npy", "write_text"]
+
+# Names that become one component of an output path (target ids, mechanism names): letters,
+# digits, '.', '_' and '-', starting with a letter or digit, at most 80 characters. So no
+# separator, no '..', no absolute path, nothing hidden.
+ID_RULE = "1-80 letters, digits, '.', '_' or '-', starting with a letter or digit"
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
+
+
+def check_id(value: object, what: str) -> str:
+    """``value`` if it may name one folder under an output root, else ValueError naming it.
+
+    >>> check_id("dpsgd-eps0.5", "target id")
+    'dpsgd-eps0.5'
+    >>> check_id("../x", "target id")
+    Traceback (most recent call last):
+    ...
+    ValueError: target id '../x' cannot name a folder: use 1-80 letters, digits, '.', '_' or '-', starting with a letter or digit
+    """
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ValueError(f"{what} {value!r} cannot name a folder: use {ID_RULE}")
+    return value
+
+
+def inside(root: str | Path, *parts: str) -> Path:
+    """``root / parts`` after checking that, resolved, it stays inside ``root`` (every part is
+    also checked with :func:`check_id`)."""
+    root = Path(root)
+    for part in parts:
+        check_id(part, "path component")
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{path} is outside the output folder {root}")
+    return path
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -16,6 +16,7 @@ trips this at most 1% of the time per run, so a failure means a DP bug or a wron
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from .config import GateLimits
+from .schema import validate_results
 
 __all__ = [
     "FALSE_ALARM_RATE",
@@ -63,13 +65,36 @@ def load_gate_limits(path: str | None) -> GateLimits:
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise GateError(f"unknown key {unknown[0]!r} in [gate]; accepted: {', '.join(sorted(allowed))}")
+    for key in ("max_auc", "max_epsilon_lb", "epsilon_margin"):
+        if key in raw and (
+            isinstance(raw[key], bool) or not isinstance(raw[key], int | float) or not math.isfinite(raw[key])
+        ):
+            raise GateError(f"[gate] {key} must be a finite number, got {raw[key]!r}")
+    tpr = raw.get("max_tpr_at_fpr", {})
+    if not isinstance(tpr, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in tpr.values()
+    ):
+        raise GateError(f"[gate] max_tpr_at_fpr must map FPR levels to finite numbers, got {tpr!r}")
     return GateLimits(**raw)
 
 
 def _index(results: dict[str, Any], what: str) -> dict[tuple[str, str], dict[str, Any]]:
-    if results.get("schema") != "mia-audit/results/v1":
-        raise GateError(f"{what} is not a mia-audit results file (schema {results.get('schema')!r})")
+    validate_results(results, what)
     return {(t["id"], a): m for t in results["targets"] for a, m in t["attacks"].items()}
+
+
+def _level_key(key: str, levels: dict[str, Any]) -> str:
+    """The results' FPR level that a limit's key names, compared as numbers ("0.10" is "0.1")."""
+    try:
+        wanted = float(key)
+    except ValueError:
+        raise GateError(f"[gate] max_tpr_at_fpr key {key!r} is not an FPR level") from None
+    for level in levels:
+        if math.isclose(float(level), wanted, rel_tol=1e-9):
+            return level
+    raise GateError(
+        f"[gate] max_tpr_at_fpr level {key!r} is not among the results' FPR levels ({', '.join(sorted(levels))})"
+    )
 
 
 def _valid_bounds(target: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -101,8 +126,7 @@ def accountant_checks(results: dict[str, Any]) -> list[Check]:
     """
     from attacks.bounds import recompute_epsilon
 
-    if results.get("schema") != "mia-audit/results/v1":
-        raise GateError(f"results is not a mia-audit results file (schema {results.get('schema')!r})")
+    validate_results(results, "results")
     pending = []
     for t in results.get("targets", []):
         privacy = t.get("privacy") or {}
@@ -135,6 +159,8 @@ def accountant_checks(results: dict[str, Any]) -> list[Check]:
 def compare(current: dict[str, Any], baseline: dict[str, Any], limits: GateLimits) -> list[Check]:
     """Every check of every target x attack present in the baseline."""
     cur, base = _index(current, "results"), _index(baseline, "baseline")
+    if not base:
+        raise GateError("the baseline has no attack results to compare with")
     if current["dataset"].get("sha256") != baseline["dataset"].get("sha256"):
         raise GateError("results and baseline are for different datasets (content hashes differ)")
     missing = sorted(set(base) - set(cur))
@@ -164,15 +190,20 @@ def compare(current: dict[str, Any], baseline: dict[str, Any], limits: GateLimit
             checks.append(Check(tid, attack, metric, not rose, msg))
 
         interval("auc", c["auc"], c["auc_ci"], b["auc"], b["auc_ci"])
+        missing_levels = sorted(set(b["tpr_at_fpr"]) - set(c["tpr_at_fpr"]))
+        if missing_levels:
+            raise GateError(
+                f"results lack TPR at FPR {', '.join(missing_levels)} for target {tid!r} x attack {attack!r}, "
+                "which the baseline has: the same FPR levels are needed to compare"
+            )
         for level in b["tpr_at_fpr"]:
-            if level in c["tpr_at_fpr"]:
-                interval(
-                    f"tpr@{level}",
-                    c["tpr_at_fpr"][level],
-                    c["tpr_at_fpr_ci"][level],
-                    b["tpr_at_fpr"][level],
-                    b["tpr_at_fpr_ci"][level],
-                )
+            interval(
+                f"tpr@{level}",
+                c["tpr_at_fpr"][level],
+                c["tpr_at_fpr_ci"][level],
+                b["tpr_at_fpr"][level],
+                b["tpr_at_fpr_ci"][level],
+            )
         rose = c["epsilon_lb"] > b["epsilon_lb"] + limits.epsilon_margin
         checks.append(
             Check(
@@ -187,18 +218,18 @@ def compare(current: dict[str, Any], baseline: dict[str, Any], limits: GateLimit
         if limits.max_auc is not None:
             ok = c["auc"] <= limits.max_auc
             checks.append(Check(tid, attack, "max_auc", ok, f"auc {c['auc']:.4f} (limit {limits.max_auc})"))
-        for level, cap in limits.max_tpr_at_fpr.items():
-            if level in c["tpr_at_fpr"]:
-                ok = c["tpr_at_fpr"][level] <= cap
-                checks.append(
-                    Check(
-                        tid,
-                        attack,
-                        f"max_tpr@{level}",
-                        ok,
-                        f"tpr@{level} {c['tpr_at_fpr'][level]:.4f} (limit {cap})",
-                    )
+        for key, cap in limits.max_tpr_at_fpr.items():
+            level = _level_key(key, c["tpr_at_fpr"])
+            ok = c["tpr_at_fpr"][level] <= cap
+            checks.append(
+                Check(
+                    tid,
+                    attack,
+                    f"max_tpr@{level}",
+                    ok,
+                    f"tpr@{level} {c['tpr_at_fpr'][level]:.4f} (limit {cap})",
                 )
+            )
         if limits.max_epsilon_lb is not None:
             ok = c["epsilon_lb"] <= limits.max_epsilon_lb
             checks.append(

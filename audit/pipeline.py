@@ -21,7 +21,7 @@ from .canary import audits_for_checkpoint
 from .checkpoint import load_checkpoint
 from .config import RunConfig
 from .data import DataOptions, Dataset, load_dataset
-from .files import write_json, write_text
+from .files import check_id, inside, write_json, write_text
 from .train import TrainRequest, train_target
 
 __all__ = ["render_report", "run"]
@@ -40,7 +40,7 @@ def _targets(config: RunConfig) -> list[tuple[str, str, dict[str, Any], str]]:
                 options["epsilon"] = budget
                 tid = f"{tid}-eps{budget:g}"
             out.append((tid, spec.name, options, spec.model or config.model))
-    ids = [t[0] for t in out]
+    ids = [check_id(t[0], "target id") for t in out]
     if len(set(ids)) != len(ids):
         raise ValueError(f"two targets share an id in the configuration: {ids}")
     return out
@@ -87,7 +87,7 @@ def run(
     entries = []
     plan = _targets(config)
     for k, (tid, mechanism, options, model) in enumerate(plan, 1):
-        tdir = out / "targets" / tid
+        tdir = inside(out, "targets", tid)
         canaries = (
             config.canaries
             if config.canaries.enabled and get_mechanism(mechanism).gradient_canaries
@@ -122,7 +122,7 @@ def run(
             ck.keep,
             data,
             target_dir=tdir,
-            references_dir=out / "references" / tid,
+            references_dir=inside(out, "references", tid),
             request=request,
             tid=tid,
         )
@@ -169,7 +169,7 @@ def _has_canaries(tdir: Path, wanted: Any) -> bool:
 
 
 def _arrays(run_dir: Path, tid: str) -> TargetArrays | None:
-    tdir = run_dir / "targets" / tid
+    tdir = inside(run_dir, "targets", tid)
     if not (tdir / "scores.npz").is_file() or not (tdir / "keep.npy").is_file():
         return None
     with np.load(tdir / "scores.npz", allow_pickle=False) as z:

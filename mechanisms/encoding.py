@@ -229,7 +229,8 @@ class Encoder:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         fast = config.engine != "vmap" and ghost_supported(model)
         scale = self.noise_scale(plan.noise_multiplier)
-        codebook = self.codebook.to(next(iter(params.values())).device)
+        first = next(iter(params.values()))
+        codebook = self.codebook.to(first.device, first.dtype)  # the model's dtype (float64 models too)
 
         def step(
             m: nn.Module, x: torch.Tensor, y: torch.Tensor, canaries: CanaryLot | None = None

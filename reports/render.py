@@ -326,9 +326,18 @@ def render_html(
     )
 
 
+def _md(value: Any) -> str:
+    """Text safe inside a Markdown table cell that may be rendered as HTML (a pull-request
+    comment): HTML escaped, pipes escaped, one line."""
+    return html.escape(str(value)).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """A compact summary for pull-request comments."""
-    lines = [f"## mia-audit: {results['dataset']['id']} ({results['dataset']['population']} examples)", ""]
+    lines = [
+        f"## mia-audit: {_md(results['dataset']['id'])} ({results['dataset']['population']} examples)",
+        "",
+    ]
     lines += [
         "| target | privacy | held-out acc. | attack | AUC [95% CI] | TPR@0.1% | TPR@1% | ε lower bound |",
         "|---|---|---|---|---|---|---|---|",
@@ -337,7 +346,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         for name, m in t["attacks"].items():
             tp = m["tpr_at_fpr"]
             lines.append(
-                f"| {t['id']} | {_privacy_short(t['privacy'])} | {t.get('test_accuracy') or float('nan'):.4f} | {name} | "
+                f"| {_md(t['id'])} | {_md(_privacy_short(t['privacy']))} | "
+                f"{t.get('test_accuracy') or float('nan'):.4f} | {_md(name)} | "
                 f"{m['auc']:.3f} {_ci(m['auc_ci'])} | {tp.get('0.001', float('nan')):.4f} | "
                 f"{tp.get('0.01', float('nan')):.4f} | {m['epsilon_lb']:.3f} |"
             )
@@ -364,11 +374,12 @@ def render_markdown(results: dict[str, Any]) -> str:
                         else ("estimate" if b["method"] == "gdp-estimate" else "assumes GDP")
                     )
                     lines.append(
-                        f"| {t['id']} | {eps_text} | {audit['threat_model']} | {audit['m']:,} | {b['method']} | "
+                        f"| {_md(t['id'])} | {eps_text} | {_md(audit['threat_model'])} | {audit['m']:,} | "
+                        f"{_md(b['method'])} | "
                         f"{b['epsilon_lb']:.3f}{' (ceiling)' if b.get('saturated') else ''} | {kind} |"
                     )
     notes = [
-        f"- {t['id']}: {t['privacy']['note']}"
+        f"- {_md(t['id'])}: {_md(t['privacy']['note'])}"
         for t in results["targets"]
         if not t["privacy"].get("formal") and t["privacy"].get("note")
     ]

@@ -191,7 +191,7 @@ def test_a_canary_set_planted_in_your_own_training_is_audited(tmp_path, capsys, 
     torch.save(model.state_dict(), tmp_path / "mine.pt")
     capsys.readouterr()
     common = ["--model", "mlp", "--dataset", "digits", "--members", str(tmp_path / "members.npy")]
-    common += ["--attacks", "loss", "--resamples", "50", "--quiet"]
+    common += ["--attacks", "loss", "--resamples", "100", "--quiet"]
     assert (
         main(
             [

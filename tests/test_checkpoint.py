@@ -11,13 +11,18 @@ from mechanisms.models import build_model
 def test_roundtrip(tmp_path):
     model = build_model("mlp", (4,), 3, seed=0)
     keep = np.array([True, False, True])
-    save_checkpoint(tmp_path, model.state_dict(), {"model": "mlp"}, keep)
+    meta = {"model": "mlp", "mechanism": "sgd", "dataset": {"id": "digits", "sha256": "abc", "options": {}}}
+    save_checkpoint(tmp_path, model.state_dict(), meta, keep)
     ck = load_checkpoint(tmp_path)
-    assert ck.meta == {"model": "mlp"} and ck.keep.dtype == bool and ck.keep.tolist() == keep.tolist()
+    assert ck.meta == meta and ck.keep.dtype == bool and ck.keep.tolist() == keep.tolist()
     other = apply_weights(build_model("mlp", (4,), 3, seed=1), ck.state_dict)
     for k, v in model.state_dict().items():
         assert torch.equal(other.state_dict()[k], v)
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
+    # a model.json without what mia-audit reads from it is refused, naming the field
+    save_checkpoint(tmp_path, model.state_dict(), {"model": "mlp"}, keep)
+    with pytest.raises(CheckpointError, match="'mechanism' must be a name"):
+        load_checkpoint(tmp_path)
 
 
 def test_pt_state_dict_loads_and_pickled_model_is_refused(tmp_path):

@@ -75,7 +75,7 @@ def test_attack_writes_results_and_resumes_without_retraining(target, tmp_path):
         attacks=("loss", "lira-online", "rmia"),
         references=4,
         workers=1,
-        resamples=50,
+        resamples=100,
         progress=False,
     )
     results = attack_target(request, out)
@@ -104,7 +104,7 @@ def test_attack_writes_results_and_resumes_without_retraining(target, tmp_path):
 def test_references_with_another_recipe_are_refused(target, tmp_path):
     out = tmp_path / "attack"
     request = AttackRequest(
-        target=str(target), attacks=("lira-online",), references=2, workers=1, resamples=20, progress=False
+        target=str(target), attacks=("lira-online",), references=2, workers=1, resamples=100, progress=False
     )
     attack_target(request, out)
     recipe = out / "references" / "sgd" / "recipe.json"
@@ -163,7 +163,7 @@ def test_kill_9_resumes(target, tmp_path):
         "--workers",
         "1",
         "--resamples",
-        "20",
+        "100",
         "--quiet",
         "--out",
         str(out),
