@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import typing
 from collections.abc import Callable
@@ -315,10 +316,28 @@ def _npz(path: str, opts: DataOptions) -> Dataset:
     )
 
 
+def _check_links(root: Path) -> None:
+    """The rule for ``folder:`` datasets: no symlinked directory (a link is where loops and
+    duplicated images come from), and a symlinked image file must resolve inside the root."""
+    base = root.resolve()
+    for parent, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs:
+            if (Path(parent) / name).is_symlink():
+                raise DataError(
+                    f"{Path(parent) / name} is a symbolic link to a folder: folder: datasets do not follow "
+                    "folder links (they can loop or repeat images); copy or move the folder in"
+                )
+        for name in files:
+            f = Path(parent) / name
+            if f.is_symlink() and not f.resolve().is_relative_to(base):
+                raise DataError(f"{f} links outside the dataset folder {root}; copy the image in instead")
+
+
 def _folder(path: str, opts: DataOptions) -> Dataset:
     p = Path(path)
     if not p.is_dir():
         raise DataError(f"image folder {path!r} does not exist (expected PATH/<class>/<image>)")
+    _check_links(p)
     import torchvision
     from torchvision.transforms.functional import pil_to_tensor
 

@@ -37,9 +37,64 @@ class SerialExecutor:
                 raise JobError(f"job {i} failed: {type(err).__name__}: {err}") from err
 
 
+def _die_with_parent() -> None:
+    """Ask the kernel to kill this process when its parent exits (Linux ``PR_SET_PDEATHSIG``).
+
+    A worker's parent is the forkserver, which exits when the main process does (killed or
+    not), so a killed run leaves no worker training on and holding the caller's pipes. If the
+    parent is already gone (it died before this call), exit now. Elsewhere: nothing to do.
+    """
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+        return
+    if os.getppid() != parent or parent == 1:
+        os._exit(1)
+
+
+# While the forkserver starts, the main process's pid is in the environment: the forkserver
+# preloads this module, and on import asks to die with that parent. (Its workers die with it,
+# see _init_worker.) CPython's forkserver otherwise outlives a killed main process.
+_MAIN_PID = "MIA_AUDIT_FORKSERVER_MAIN"
+
+
+def _guard_forkserver() -> None:
+    main = os.environ.get(_MAIN_PID, "")
+    if main.isdigit() and os.getppid() == int(main):
+        _die_with_parent()
+
+
+_guard_forkserver()
+
+
+def _start_forkserver(preload: list[str]) -> None:
+    """Start the shared forkserver (once per process) with ``preload`` and the guard above."""
+    from multiprocessing import forkserver
+
+    forkserver.set_forkserver_preload(["audit.executors", *preload])
+    previous = os.environ.get(_MAIN_PID)
+    os.environ[_MAIN_PID] = str(os.getpid())
+    try:
+        forkserver.ensure_running()
+    finally:
+        if previous is None:
+            os.environ.pop(_MAIN_PID, None)
+        else:
+            os.environ[_MAIN_PID] = previous
+
+
 def _init_worker(threads: int) -> None:
     import torch
 
+    _die_with_parent()
     torch.set_num_threads(threads)
 
 
@@ -48,6 +103,8 @@ class LocalExecutor:
 
     Workers fork from a "forkserver" that has already imported torch and the project: they
     start in milliseconds instead of seconds, and inherit no threads or locks from the caller.
+    On Linux the forkserver dies with the main process and every worker with the forkserver,
+    however the main process ends (SIGKILL included).
     """
 
     def __init__(self, workers: int, threads: int = 1) -> None:
@@ -59,7 +116,7 @@ class LocalExecutor:
         if not jobs:
             return
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "mechanisms", "attacks", "audit.references", "audit.train"])
+        _start_forkserver(["torch", "mechanisms", "attacks", "audit.references", "audit.train"])
         with cf.ProcessPoolExecutor(
             max_workers=min(self.workers, len(jobs)),
             mp_context=ctx,

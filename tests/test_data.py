@@ -187,3 +187,27 @@ def test_cifar100_fine_labels(tmp_path):
     _cifar_batch(base / "test", 2, 1, "fine_labels")
     d = load_dataset("cifar100", DataOptions(data_root=str(tmp_path)))
     assert d.num_classes == 100 and d.x.shape == (6, 3, 32, 32)
+
+
+def test_image_folder_follows_no_folder_link_and_no_link_outside(tmp_path):
+    """Issue 19: a folder link looped (60 images became 2,460); links outside the root were read."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((4, 4), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+    assert load_dataset(f"folder:{root}").population == 6
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)
+    with pytest.raises(DataError, match="link to a folder"):
+        load_dataset(f"folder:{root}")
+    (root / "a" / "loop").unlink()
+    outside = tmp_path / "secret.png"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(outside)
+    (root / "b" / "x.png").symlink_to(outside)
+    with pytest.raises(DataError, match="links outside"):
+        load_dataset(f"folder:{root}")
+    (root / "b" / "x.png").unlink()
+    (root / "b" / "y.png").symlink_to(root / "a" / "0.png")  # a link inside the root is an image
+    assert load_dataset(f"folder:{root}").population == 7

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,52 @@ def test_kill_9_resumes(target, tmp_path):
     for name, stamp in stamps.items():
         assert (logits / name).stat().st_mtime_ns == stamp
     assert len(list(logits.glob("*.npy"))) == 8 and (out / "results.json").is_file()
+
+
+def _running(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _descendants(pid):
+    """Every process below ``pid`` (Linux /proc)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="worker cleanup is tested on Linux")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_die_with_the_main_process(target, tmp_path, sig):
+    """Issue 19: after kill -9 or SIGTERM of the main process, the forkserver and its workers
+    kept training and held the caller's pipes open (a captured run blocked for 11 minutes)."""
+    out = tmp_path / "orphans"
+    cmd = [sys.executable, "-m", "audit.cli", "attack", "--target", str(target), "--attacks", "lira-online"]
+    cmd += ["--references", "16", "--workers", "2", "--resamples", "100", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    logits = out / "references" / "sgd" / "logits"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not logits.is_dir() or not list(logits.glob("*.npy"))):
+        time.sleep(0.05)
+    below = _descendants(proc.pid)
+    assert below, "the workers should be running"
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    proc.communicate(timeout=30)  # EOF only once no process holds the pipe (TimeoutExpired: held)
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in below):
+        time.sleep(0.1)
+    alive = [p for p in below if _running(p)]
+    assert not alive, f"{len(alive)} worker processes outlived the main one"
