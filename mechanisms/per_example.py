@@ -34,6 +34,7 @@ __all__ = [
     "ghost_per_example_grads",
     "ghost_supported",
     "per_example_grads",
+    "shared_parameters",
 ]
 
 # Added to a norm before dividing, so a clipped gradient's norm is strictly below C (Opacus
@@ -163,8 +164,22 @@ def per_example_grads(
 _GHOST_TYPES = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 
 
+def shared_parameters(model: nn.Module) -> list[str]:
+    """Names of trainable parameters owned by more than one module (tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append(f"{mod_name}.{name}" if mod_name else name)
+    return sorted(names[0] for names in owners.values() if len(set(names)) > 1)
+
+
 def ghost_supported(model: nn.Module) -> bool:
-    """True when every module that owns trainable parameters has a book-keeping rule."""
+    """True when every module that owns trainable parameters has a book-keeping rule and no
+    parameter is shared between modules (tied weights go to the vmap engine, whose
+    ``functional_call`` sums a shared parameter's uses)."""
+    if shared_parameters(model):
+        return False
     for module in model.modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:

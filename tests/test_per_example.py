@@ -319,3 +319,28 @@ def test_workspace_reuse_across_input_sizes(channels_last):
         fast = pe.ghost_per_example_grads(model, x, y, workspace=ws)
         slow = _loop_grads(model, x, y)
         _assert_equals_loop(fast, slow)
+
+
+def _tied_model():
+    torch.manual_seed(0)
+    first, second = nn.Linear(6, 6), nn.Linear(6, 6)
+    second.weight = first.weight  # tied: one parameter, two modules
+    return nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def test_tied_weights_go_to_an_engine_that_handles_them():
+    """Issue 19: a weight shared by two modules got wrong per-example norms from the ghost
+    engine, and its second use's gradient was filed under a key DP-SGD dropped."""
+    from mechanisms.per_example import shared_parameters
+
+    model = _tied_model()
+    assert shared_parameters(model) == ["0.weight"] and not ghost_supported(model)
+    x, y = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 3, (9,))
+    got = clipped_grad_sum(model, x, y, clip_norm=0.3)  # engine "auto"
+    want, norms = _loop_clipped_sum(model, x, y, 0.3)
+    assert set(got.grads) == set(want) == {n for n, _ in model.named_parameters()}
+    for n in want:
+        torch.testing.assert_close(got.grads[n], want[n], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.norms, norms, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="ghost"):
+        clipped_grad_sum(model, x, y, clip_norm=0.3, engine="ghost")
