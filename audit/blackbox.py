@@ -305,7 +305,7 @@ def train_twin(
             "history": fitted.result.history,
         }
         save_input_canaries(twin_dir / INPUT_FILE, canaries, scores)
-        save_checkpoint(twin_dir, fitted.result.state_dict, twin_meta, keep)
+        save_checkpoint(twin_dir, fitted.result.state_dict, twin_meta, keep, (INPUT_FILE,))
     privacy = twin_meta["privacy"]
     return blackbox_audit(
         scores,

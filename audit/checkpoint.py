@@ -7,6 +7,7 @@ architecture checks every tensor's name and shape and names the first mismatch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,15 +45,34 @@ class Checkpoint:
     keep: np.ndarray
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_checkpoint(
-    directory: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], keep: np.ndarray
+    directory: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    keep: np.ndarray,
+    extra_files: tuple[str, ...] = (),
 ) -> None:
-    """Write the three checkpoint files atomically (each to a temporary name, then renamed)."""
+    """Write the checkpoint files atomically (each to a temporary name, then renamed).
+
+    ``model.json`` is written last and records the sha256 of the weights, ``keep.npy`` and any
+    ``extra_files`` already written to ``directory`` (e.g. ``canaries.npz``): its presence marks
+    a complete checkpoint, and loading checks that the files are the ones it was written with
+    (a run killed while replacing a checkpoint cannot pair new weights with an old membership).
+    """
     directory = Path(directory)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
     write_npy(directory / KEEP, np.asarray(keep, dtype=bool))
-    write_json(directory / META, meta)  # last: its presence marks a complete checkpoint
+    files = {name: _sha256(directory / name) for name in (WEIGHTS, KEEP, *extra_files)}
+    write_json(directory / META, {**meta, "files": files})
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -92,6 +112,10 @@ def apply_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module
     for name, tensor in expected.items():
         if name not in state:
             raise CheckpointError(f"checkpoint has no tensor {name!r} that the architecture needs")
+        if tensor.is_floating_point() and not state[name].is_floating_point():
+            raise CheckpointError(
+                f"tensor {name!r} is {state[name].dtype} in the checkpoint but the architecture needs floating point"
+            )
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(state[name].shape)} in the checkpoint but "
@@ -116,5 +140,17 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         validate_model_meta(meta, str(directory / META))
     except SchemaError as err:
         raise CheckpointError(str(err)) from None
+    files = meta.get("files", {})
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{directory / META}: 'files' must map file names to sha256 digests")
+    for name, digest in files.items():
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise CheckpointError(f"{directory / META}: bad file name {name!r} in 'files'")
+        path = directory / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise CheckpointError(
+                f"{path} is not the file {META} was written with (missing, or changed since): the checkpoint "
+                "is inconsistent, e.g. a run was killed while replacing it; train it again"
+            )
     keep = np.load(directory / KEEP, allow_pickle=False)
     return Checkpoint(load_weights(directory / WEIGHTS), meta, keep)

@@ -684,6 +684,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output_folder(args: argparse.Namespace) -> Path | None:
+    """The folder a command writes (locked for its duration), None for those that write none."""
+    if args.command == "run":
+        name = Path(args.config).stem if args.config else (args.preset or "quick")
+        return Path(args.out or f"runs/{name}")
+    if args.command in ("train", "attack", "audit", "canary"):
+        return Path(args.out)
+    return None
+
+
 _COMMANDS = {
     "run": _cmd_run,
     "train": _cmd_train,
@@ -704,7 +714,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command in _COMMANDS:
-            return _COMMANDS[args.command](args)
+            folder = _output_folder(args)
+            if folder is None:
+                return _COMMANDS[args.command](args)
+            from .files import OutputLock
+
+            with OutputLock(folder):
+                return _COMMANDS[args.command](args)
         return _cmd_list(args.command)
     except (
         UsageError,

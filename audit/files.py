@@ -15,7 +15,75 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ID_RULE", "atomic_write", "check_id", "inside", "write_json", "write_npy", "write_text"]
+__all__ = [
+    "ID_RULE",
+    "OutputLock",
+    "atomic_write",
+    "check_id",
+    "holds_files",
+    "inside",
+    "write_json",
+    "write_npy",
+    "write_text",
+]
+
+LOCK = ".mia-audit.lock"
+
+
+class OutputLock:
+    """One writer per output folder: ``OUT/.mia-audit.lock`` holds the writer's pid.
+
+    A second writer is refused with a message naming the first; a lock left by a process that
+    no longer runs (killed) is taken over. Released on exit, however the block ends.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / LOCK
+
+    def __enter__(self) -> OutputLock:
+        self.created = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid > 0 and pid != os.getpid() and _alive(pid):
+                    raise ValueError(
+                        f"another mia-audit (pid {pid}) is writing to {self.path.parent}; wait for it to "
+                        f"finish, or use another output folder (a stale lock is {self.path})"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its writer is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            return self
+        raise ValueError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+        if self.created and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()  # a folder the lock made and nothing else used
+
+
+def holds_files(folder: str | Path) -> bool:
+    """Whether ``folder`` holds anything but mia-audit's own lock."""
+    folder = Path(folder)
+    return folder.is_dir() and any(p.name != LOCK for p in folder.iterdir())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 # Names that become one component of an output path (target ids, mechanism names): letters,
 # digits, '.', '_' and '-', starting with a letter or digit, at most 80 characters. So no

@@ -7,6 +7,7 @@ are reused, and every file is written atomically.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from .canary import audits_for_checkpoint
 from .checkpoint import load_checkpoint
 from .config import RunConfig
 from .data import DataOptions, Dataset, load_dataset
-from .files import check_id, inside, write_json, write_text
+from .files import check_id, holds_files, inside, write_json, write_text
 from .train import TrainRequest, train_target
 
 __all__ = ["render_report", "run"]
@@ -58,7 +59,7 @@ def run(
             f"{out} holds a run with another configuration ({existing}); use another --out, or --overwrite "
             "to replace it"
         )
-    if out.is_dir() and any(out.iterdir()) and not existing.is_file() and not overwrite:
+    if holds_files(out) and not existing.is_file() and not overwrite:
         raise ValueError(f"output directory {str(out)!r} already holds other files; pass --overwrite")
     data_opts = DataOptions(**config.data_options)
     data = load_dataset(config.dataset, data_opts)
@@ -93,6 +94,14 @@ def run(
             if config.canaries.enabled and get_mechanism(mechanism).gradient_canaries
             else None
         )
+        stale = (tdir / "model.json").is_file() and _changed(tdir, model, mechanism, options, config, data)
+        if stale:
+            # trained with another recipe: its references and twin are the old recipe's too
+            logger.info("target %s: the configuration changed it; training it again", tid)
+            if progress:
+                print(f"[{k}/{len(plan)}] target {tid}: its recipe changed, training it again", flush=True)
+            shutil.rmtree(inside(out, "references", tid), ignore_errors=True)
+            shutil.rmtree(tdir, ignore_errors=True)
         if not (tdir / "model.json").is_file() or not _has_canaries(tdir, canaries):
             logger.info("[%d/%d] training target %s", k, len(plan), tid)
             if progress:
@@ -152,6 +161,30 @@ def run(
     write_json(out / "results.json", results)
     render_report(out, data=data)
     return results
+
+
+def _changed(
+    tdir: Path, model: str, mechanism: str, options: dict[str, Any], config: RunConfig, data: Dataset
+) -> bool:
+    """Whether the target trained in ``tdir`` differs from what the configuration asks now."""
+    import dataclasses
+    import json
+
+    from mechanisms import config_from_mapping
+
+    try:
+        meta = json.loads((tdir / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    wanted = config_from_mapping(get_mechanism(mechanism).config_type, options)
+    hyper = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(wanted).items() if k != "progress"}))
+    return (
+        meta.get("model") != model
+        or meta.get("mechanism") != mechanism
+        or meta.get("seed") != config.seed
+        or (meta.get("dataset") or {}).get("sha256") != data.sha256
+        or meta.get("hyperparameters") != hyper
+    )
 
 
 def _has_canaries(tdir: Path, wanted: Any) -> bool:

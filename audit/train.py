@@ -19,6 +19,7 @@ from mechanisms.training import accuracy
 from .canary import CanarySettings, make_canaries, save_record
 from .checkpoint import save_checkpoint
 from .data import DataOptions, Dataset, load_dataset
+from .files import holds_files
 
 __all__ = [
     "Fitted",
@@ -76,7 +77,7 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if holds_files(out) and not overwrite:
         raise ValueError(
             f"output directory {str(out)!r} already holds files; pass --overwrite to replace them"
         )
@@ -237,6 +238,8 @@ def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
         "seed": request.seed,
         "members": int(keep.sum()),
         "history": result.history,
+        "diagnostics_note": "history (train loss) and train_accuracy are computed on the private training data "
+        "without noise: they are outside any privacy guarantee and for diagnosis only",
         "extras": result.extras,
         "environment": {
             "torch": torch.__version__,
@@ -252,5 +255,6 @@ def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
             "confidence": request.canaries.confidence,
             **save_record(out, fitted.canaries),
         }
-    save_checkpoint(out, result.state_dict, meta, keep)
+    extra = ("canaries.npz",) if fitted.canaries is not None else ()
+    save_checkpoint(out, result.state_dict, meta, keep, extra)
     return meta

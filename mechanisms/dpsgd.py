@@ -100,8 +100,15 @@ class DpSgdPlan:
 
 
 def refuse_batchnorm(model: nn.Module) -> None:
-    """Raise if ``model`` has BatchNorm: it mixes examples, so per-example clipping is void."""
+    """Raise if ``model`` has BatchNorm (or InstanceNorm with running statistics): they mix
+    examples, so per-example clipping is void."""
     for name, module in model.named_modules():
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
+            raise ValueError(
+                f"module {name or 'model'!r} is {type(module).__name__} with running statistics: they average "
+                "over the examples of every batch, outside per-example clipping. Use track_running_stats=False "
+                "or GroupNorm."
+            )
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise ValueError(
                 f"module {name or 'model'!r} is {type(module).__name__}: BatchNorm mixes the "

@@ -14,7 +14,9 @@ def test_roundtrip(tmp_path):
     meta = {"model": "mlp", "mechanism": "sgd", "dataset": {"id": "digits", "sha256": "abc", "options": {}}}
     save_checkpoint(tmp_path, model.state_dict(), meta, keep)
     ck = load_checkpoint(tmp_path)
-    assert ck.meta == meta and ck.keep.dtype == bool and ck.keep.tolist() == keep.tolist()
+    assert {k: v for k, v in ck.meta.items() if k != "files"} == meta
+    assert set(ck.meta["files"]) == {"model.safetensors", "keep.npy"}
+    assert ck.keep.dtype == bool and ck.keep.tolist() == keep.tolist()
     other = apply_weights(build_model("mlp", (4,), 3, seed=1), ck.state_dict)
     for k, v in model.state_dict().items():
         assert torch.equal(other.state_dict()[k], v)
@@ -52,3 +54,20 @@ def test_mismatch_names_the_first_tensor():
         apply_weights(build_model("mlp", (4,), 3), missing)
     with pytest.raises(CheckpointError, match="'extra' is not part"):
         apply_weights(build_model("mlp", (4,), 3), dict(state, extra=torch.zeros(1)))
+
+
+def test_integer_weights_are_refused(tmp_path):
+    model = build_model("mlp", (4,), 3, seed=0)
+    state = {k: v.to(torch.int64) for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="floating point"):
+        apply_weights(build_model("mlp", (4,), 3, seed=0), state)
+
+
+def test_files_are_checked_against_the_manifest(tmp_path):
+    """Issue 19: a kill between renames in 'train --overwrite' left new weights with the old keep.npy."""
+    meta = {"model": "mlp", "mechanism": "sgd", "dataset": {"id": "digits", "sha256": "abc", "options": {}}}
+    model = build_model("mlp", (4,), 3, seed=0)
+    save_checkpoint(tmp_path, model.state_dict(), meta, np.array([True, False]))
+    np.save(tmp_path / "keep.npy", np.array([False, True]))  # a file from another run
+    with pytest.raises(CheckpointError, match="keep.npy is not the file"):
+        load_checkpoint(tmp_path)

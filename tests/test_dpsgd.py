@@ -203,3 +203,13 @@ def test_dpsgd_same_seed_same_weights(tmp_path):
 def test_dpsgd_learns_on_digits(tmp_path):
     meta = train_target(_request(noise_multiplier=1.0, epochs=8, lr=1.0, momentum=0.0), tmp_path)
     assert meta["test_accuracy"] > 0.6, meta["test_accuracy"]  # chance is 0.1
+
+
+def test_instance_norm_with_running_statistics_is_refused():
+    from torch import nn
+
+    from mechanisms.dpsgd import refuse_batchnorm
+
+    with pytest.raises(ValueError, match="running statistics"):
+        refuse_batchnorm(nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, track_running_stats=True)))
+    refuse_batchnorm(nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2)))  # no running stats: fine

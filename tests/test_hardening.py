@@ -284,3 +284,55 @@ def test_model_json_fuzz_is_an_input_error(small_run, tmp_path_factory, key, val
 def test_load_config_still_reads_the_presets():
     for preset in ("quick", "smoke", "paper"):
         assert load_config(preset=preset).mechanisms
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "t"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".mia-audit.lock").write_text(str(holder.pid))
+        argv = [
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            "mlp",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+        assert main(argv) == 2
+        assert f"another mia-audit (pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale and taken over, then released
+    assert main(argv) == 0 and not (out / ".mia-audit.lock").exists()
+
+
+def test_run_overwrite_retrains_what_the_configuration_changed(tmp_path):
+    """Issue 19: 'run --overwrite' after a configuration change reused targets trained with the
+    old options."""
+    two = SMALL + '[[mechanisms]]\nname = "sgd"\nid = "other"\noptions = { epochs = 2, batch_size = 32 }\n'
+    (tmp_path / "a.toml").write_text(two)
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "a.toml"), "--out", str(out), "--quiet"]) == 0
+    stamps = {t: (out / "targets" / t / "model.safetensors").stat().st_mtime_ns for t in ("sgd", "other")}
+    changed = two.replace(
+        "options = { epochs = 2, batch_size = 32 }", "options = { epochs = 3, batch_size = 32 }", 1
+    )
+    (tmp_path / "b.toml").write_text(changed)
+    assert (
+        main(["run", str(tmp_path / "b.toml"), "--out", str(out), "--quiet"]) == 2
+    )  # refused without --overwrite
+    assert main(["run", str(tmp_path / "b.toml"), "--out", str(out), "--quiet", "--overwrite"]) == 0
+    meta = json.loads((out / "targets" / "sgd" / "model.json").read_text())
+    assert meta["hyperparameters"]["epochs"] == 3
+    assert (out / "targets" / "sgd" / "model.safetensors").stat().st_mtime_ns != stamps["sgd"]
+    assert (out / "targets" / "other" / "model.safetensors").stat().st_mtime_ns == stamps["other"]
