@@ -232,8 +232,10 @@ def attack_checkpoint(
         inference.model, data.x.to(device), queries=queries, stochastic=inference.stochastic
     )
     write_npy(target_dir / "logits.npy", target_logits)
-    if not (target_dir / "keep.npy").is_file():
-        write_npy(target_dir / "keep.npy", keep)
+    existing = target_dir / "keep.npy"
+    if not existing.is_file() or not np.array_equal(np.load(existing, allow_pickle=False), keep):
+        # another checkpoint attacked onto the same target id: its membership replaces the old one
+        write_npy(existing, keep)
 
     ref_logits = ref_keep = None
     if needs_refs:

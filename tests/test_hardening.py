@@ -336,3 +336,37 @@ def test_run_overwrite_retrains_what_the_configuration_changed(tmp_path):
     assert meta["hyperparameters"]["epochs"] == 3
     assert (out / "targets" / "sgd" / "model.safetensors").stat().st_mtime_ns != stamps["sgd"]
     assert (out / "targets" / "other" / "model.safetensors").stat().st_mtime_ns == stamps["other"]
+
+
+def test_attack_overwrite_from_another_checkpoint_replaces_the_membership(small_run, tmp_path):
+    """Issue 19: 'attack --overwrite' onto the same target id from another checkpoint kept the old keep.npy."""
+    import numpy as np
+
+    first = small_run / "out" / "targets" / "sgd"
+    out = tmp_path / "att"
+    common = ["--attacks", "loss", "--quiet", "--out", str(out)]
+    assert main(["attack", "--target", str(first), *common]) == 0
+    second = tmp_path / "second"
+    argv = [
+        "train",
+        "--dataset",
+        "synthetic",
+        "--synthetic-samples",
+        "200",
+        "--model",
+        "mlp",
+        "--epochs",
+        "2",
+    ]
+    assert main([*argv, "--seed", "7", "--quiet", "--out", str(second)]) == 0
+    assert main(["attack", "--target", str(second), *common, "--overwrite"]) == 0
+    np.testing.assert_array_equal(np.load(out / "targets" / "sgd" / "keep.npy"), np.load(second / "keep.npy"))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=st.text(alphabet="lirasomfx-:=_.,01235eatruvbg", max_size=30))
+def test_attack_specs_fuzz_is_an_input_error(small_run, tmp_path_factory, spec):
+    """Any --attacks string: it runs (a valid spec) or exits 2 with a message, never 3."""
+    out = tmp_path_factory.mktemp("spec")
+    argv = ["attack", "--target", str(small_run / "out" / "targets" / "sgd"), f"--attacks={spec}"]
+    assert main([*argv, "--references", "0", "--quiet", "--out", str(out)]) in (0, 2)
