@@ -521,6 +521,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.config and args.preset:
         raise UsageError("give a CONFIG.toml or --preset, not both")
     config = load_config(args.config, preset=args.preset)
+    if args.check:
+        from .pipeline import check_plan
+
+        plan, data = check_plan(config)
+        print(f"{config.source}: valid; dataset {data.id} ({data.population} examples), {len(plan)} targets:")
+        for tid, mechanism, options, model in plan:
+            print(f"  {tid}: {mechanism} on {model} {options}")
+        return EXIT_OK
     name = Path(args.config).stem if args.config else (args.preset or "quick")
     out = Path(args.out or f"runs/{name}")
     results = run(config, out, progress=not args.quiet, overwrite=args.overwrite)
@@ -607,6 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default runs/<config or preset name>)")
     run.add_argument("--overwrite", action="store_true", help="replace a run made with another configuration")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="check the configuration (options, models, attacks, data) and list its targets; train nothing",
+    )
     train = sub.add_parser("train", help="train one target model on a random half of a dataset")
     _add_train_args(train)
     canary = sub.add_parser(
@@ -686,6 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _output_folder(args: argparse.Namespace) -> Path | None:
     """The folder a command writes (locked for its duration), None for those that write none."""
+    if args.command == "run" and args.check:
+        return None
     if args.command == "run":
         name = Path(args.config).stem if args.config else (args.preset or "quick")
         return Path(args.out or f"runs/{name}")

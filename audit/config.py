@@ -195,6 +195,7 @@ def load_config(path: str | None = None, *, preset: str | None = None) -> RunCon
     """Parse a TOML file (or a shipped preset; default ``quick``) into a :class:`RunConfig`."""
     raw, source = _read(path, preset)
     _take(raw, {"seed", "data", "target", "attack", "mechanisms", "gate", "canaries"}, source)
+    _typed(raw, source, seed=int, data=dict, target=dict, attack=dict, gate=dict, canaries=dict)
     data = dict(
         _take(
             raw.get("data", {}),
@@ -211,7 +212,6 @@ def load_config(path: str | None = None, *, preset: str | None = None) -> RunCon
             f"{source} [data]",
         )
     )
-    _typed(raw, source, seed=int, data=dict, target=dict, attack=dict, gate=dict, canaries=dict)
     _typed(
         data,
         f"{source} [data]",

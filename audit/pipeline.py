@@ -16,7 +16,7 @@ import numpy as np
 from mechanisms import get_mechanism
 from reports import TargetArrays, render_html, render_markdown
 
-from .attack import AttackRequest, attack_checkpoint, load_results, results_document
+from .attack import AttackRequest, attack_checkpoint, load_results, parse_attack_spec, results_document
 from .blackbox import train_twin
 from .canary import audits_for_checkpoint
 from .checkpoint import load_checkpoint
@@ -47,6 +47,49 @@ def _targets(config: RunConfig) -> list[tuple[str, str, dict[str, Any], str]]:
     return out
 
 
+def check_plan(config: RunConfig) -> tuple[list[tuple[str, str, dict[str, Any], str]], Any]:
+    """Everything a run will need, checked before anything is trained or written: target ids,
+    mechanisms and their options (types and ranges), models, attack specs and options, the
+    dataset and its options. Returns the targets and the loaded dataset; raises ValueError
+    naming what is wrong (a bad option of the last mechanism must not surface after the
+    first ones have trained for an hour)."""
+    from mechanisms import config_from_mapping
+    from mechanisms.models import model_names
+
+    plan = _targets(config)
+    for tid, mechanism, options, model in plan:
+        try:
+            config_from_mapping(get_mechanism(mechanism).config_type, options)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"target {tid}: {err}") from None
+        if ":" not in model and model not in model_names():
+            raise ValueError(
+                f"target {tid}: unknown model {model!r}; known models: {', '.join(model_names())}"
+            )
+    for spec in config.attacks:
+        parse_attack_spec(spec)
+    _request(config, progress=False)
+    data = load_dataset(config.dataset, DataOptions(**config.data_options))
+    return plan, data
+
+
+def _request(config: RunConfig, *, progress: bool) -> AttackRequest:
+    return AttackRequest(
+        target="",
+        attacks=config.attacks,
+        references=config.references,
+        workers=config.workers,
+        queries=config.queries,
+        fpr_levels=config.fpr_levels,
+        delta=config.delta,
+        alpha=config.alpha,
+        resamples=config.resamples,
+        seed=config.seed,
+        device=config.device,
+        progress=progress,
+    )
+
+
 def run(
     config: RunConfig, out: str | Path, *, progress: bool = True, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -61,8 +104,8 @@ def run(
         )
     if holds_files(out) and not existing.is_file() and not overwrite:
         raise ValueError(f"output directory {str(out)!r} already holds other files; pass --overwrite")
+    plan, data = check_plan(config)
     data_opts = DataOptions(**config.data_options)
-    data = load_dataset(config.dataset, data_opts)
     held_out = data.population - data.population // 2  # every target's non-members
     c = config.canaries
     if c.inputs and c.input_kind == "mislabelled" and c.inputs > held_out:
@@ -71,22 +114,8 @@ def run(
             'mislabelled canaries; ask for fewer, or input_kind = "ood"'
         )
     write_text(existing, resolved)
-    request = AttackRequest(
-        target="",
-        attacks=config.attacks,
-        references=config.references,
-        workers=config.workers,
-        queries=config.queries,
-        fpr_levels=config.fpr_levels,
-        delta=config.delta,
-        alpha=config.alpha,
-        resamples=config.resamples,
-        seed=config.seed,
-        device=config.device,
-        progress=progress,
-    )
+    request = _request(config, progress=progress)
     entries = []
-    plan = _targets(config)
     for k, (tid, mechanism, options, model) in enumerate(plan, 1):
         tdir = inside(out, "targets", tid)
         canaries = (

@@ -8,6 +8,9 @@ mechanisms that add options of their own. Every field reaches the code that uses
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,11 +142,36 @@ class Mechanism:
 
 
 def config_from_mapping(cls: type[TrainConfig], values: Mapping[str, Any]) -> TrainConfig:
-    """Build config ``cls`` from a mapping, rejecting keys it does not have."""
+    """Build config ``cls`` from a mapping, rejecting keys it does not have and values not of
+    the field's type (a configuration file's ``epochs = "2"`` or ``lr = true`` is an input
+    error with the option's name, not a crash inside training). Integers are accepted where a
+    float is expected; booleans are never numbers."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(
             f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(known))}"
         )
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        kind = hints[key]
+        optional = isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind)
+        if optional:
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
+            if value is None:
+                continue
+        ok = {
+            bool: lambda v: isinstance(v, bool),
+            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+            str: lambda v: isinstance(v, str),
+        }[kind](value)
+        if not ok:
+            name = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[kind]
+            raise ValueError(f"option {key} must be {name}, got {value!r}")
+    return cls(
+        **{
+            k: float(v) if hints[k] in (float, float | None) and v is not None else v
+            for k, v in values.items()
+        }
+    )
