@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from mechanisms import build_model
 from .canary import audits_for_checkpoint
 from .checkpoint import apply_weights, load_checkpoint
 from .data import Dataset, load_verified
-from .executors import make_executor
+from .executors import ExecutorSettings, make_executor
 from .files import atomic_write, check_id, inside, write_json, write_npy
 from .references import Recipe, ensure_references
 from .signals import model_logits
@@ -58,6 +58,7 @@ class AttackRequest:
     device: str = "cpu"
     progress: bool = True
     model: str | None = None  # the architecture the user typed (confirms a user factory)
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)  # how references train
 
     def __post_init__(self) -> None:
         def count(name: str, lo: int) -> None:
@@ -247,9 +248,10 @@ def attack_checkpoint(
             recipe,
             request.references,
             data.population,
-            executor=make_executor(request.workers),
+            executor=make_executor(request.workers, request.executor),
             device=str(device),
             progress=request.progress,
+            data=data,
         )
     inputs = AttackInputs(target_logits, data.y.numpy(), ref_logits, ref_keep, seed=request.seed)
     attack_results, scores = run_attacks(

@@ -126,6 +126,30 @@ def _add_train_args(p: argparse.ArgumentParser, *, canary: bool = False) -> None
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_executor_args(g: Any) -> None:
+    g.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default=None,
+        help="where reference models train: local worker processes (default) or Ray",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="join the Ray cluster at ADDRESS (e.g. 10.0.0.1:6379); default: start Ray on this machine",
+    )
+
+
+def _executor_settings(args: argparse.Namespace, base: Any = None):
+    """The [executor] settings of a configuration (or the defaults) with the flags on top."""
+    from .executors import ExecutorSettings
+
+    base = base or ExecutorSettings()
+    kind = args.executor or ("ray" if args.ray_address else base.kind)
+    address = args.ray_address if args.ray_address is not None else base.address
+    return dataclasses.replace(base, kind=kind, address=address)
+
+
 def _add_attack_args(p: argparse.ArgumentParser, *, references: int = 16) -> None:
     g = p.add_argument_group("attacks")
     g.add_argument(
@@ -137,6 +161,7 @@ def _add_attack_args(p: argparse.ArgumentParser, *, references: int = 16) -> Non
         "--references", type=int, default=references, help=f"reference models (even; default {references})"
     )
     g.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    _add_executor_args(g)
     g.add_argument("--queries", type=int, default=None, help="queries per example (default 2 for images)")
     g.add_argument("--fpr-levels", default="0.001,0.01,0.1", help="FPR levels (default 0.001,0.01,0.1)")
     g.add_argument("--delta", type=float, default=1e-5, help="delta of the epsilon lower bound")
@@ -197,6 +222,7 @@ def _attack_request(args: argparse.Namespace, target: str = ""):
         device=args.device,
         progress=not args.quiet,
         model=getattr(args, "model", None),
+        executor=_executor_settings(args),
     )
 
 
@@ -521,6 +547,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.config and args.preset:
         raise UsageError("give a CONFIG.toml or --preset, not both")
     config = load_config(args.config, preset=args.preset)
+    config = dataclasses.replace(config, executor=_executor_settings(args, config.executor))
     if args.check:
         from .pipeline import check_plan
 
@@ -615,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default runs/<config or preset name>)")
     run.add_argument("--overwrite", action="store_true", help="replace a run made with another configuration")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_executor_args(run)
     run.add_argument(
         "--check",
         action="store_true",

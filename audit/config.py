@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .canary import CanarySettings
+from .executors import ExecutorSettings
 from .files import check_id
 
 __all__ = ["GateLimits", "MechanismSpec", "RunConfig", "load_config", "preset_names"]
@@ -100,6 +101,9 @@ class RunConfig:
     mechanisms: tuple[MechanismSpec, ...] = ()
     gate: GateLimits = field(default_factory=GateLimits)
     canaries: CanarySettings = field(default_factory=lambda: CanarySettings(count=0, inputs=0))
+    # how jobs run, not what they compute: left out of config.toml (switching executors
+    # resumes a run instead of refusing it as another configuration)
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
     source: str = ""
 
     def to_toml(self) -> str:
@@ -194,8 +198,28 @@ def _read(path: str | None, preset: str | None) -> tuple[dict[str, Any], str]:
 def load_config(path: str | None = None, *, preset: str | None = None) -> RunConfig:
     """Parse a TOML file (or a shipped preset; default ``quick``) into a :class:`RunConfig`."""
     raw, source = _read(path, preset)
-    _take(raw, {"seed", "data", "target", "attack", "mechanisms", "gate", "canaries"}, source)
-    _typed(raw, source, seed=int, data=dict, target=dict, attack=dict, gate=dict, canaries=dict)
+    _take(raw, {"seed", "data", "target", "attack", "mechanisms", "gate", "canaries", "executor"}, source)
+    _typed(
+        raw, source, seed=int, data=dict, target=dict, attack=dict, gate=dict, canaries=dict, executor=dict
+    )
+    executor_raw = _take(
+        raw.get("executor", {}),
+        {"kind", "address", "cpus_per_job", "gpus_per_job", "retries"},
+        f"{source} [executor]",
+    )
+    _typed(
+        executor_raw,
+        f"{source} [executor]",
+        kind=str,
+        address=str,
+        cpus_per_job=int,
+        gpus_per_job=float,
+        retries=int,
+    )
+    try:
+        executor = ExecutorSettings(**executor_raw)
+    except ValueError as err:
+        raise ValueError(f"{source} [executor]: {err}") from err
     data = dict(
         _take(
             raw.get("data", {}),
@@ -299,5 +323,6 @@ def load_config(path: str | None = None, *, preset: str | None = None) -> RunCon
         mechanisms=tuple(mechs),
         gate=gate,
         canaries=canaries,
+        executor=executor,
         source=source,
     )

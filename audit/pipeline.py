@@ -87,6 +87,7 @@ def _request(config: RunConfig, *, progress: bool) -> AttackRequest:
         seed=config.seed,
         device=config.device,
         progress=progress,
+        executor=config.executor,
     )
 
 

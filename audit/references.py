@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import Dataset, load_verified
+from .data import Dataset, load_verified, shared_payload
 from .executors import Executor, SerialExecutor
 from .files import write_json, write_npy
 
@@ -95,7 +95,8 @@ def _dataset(id: str, options_json: str, sha256: str) -> Dataset:
 
 
 def train_reference(job: dict[str, Any]) -> dict[str, Any]:
-    """Train reference ``job['index']`` and write its logits; runs in a worker process."""
+    """Train reference ``job['index']`` and return its logits; runs in a worker process, perhaps
+    on another machine (the caller writes the logits)."""
     import torch
 
     from mechanisms import get_mechanism
@@ -122,10 +123,14 @@ def train_reference(job: dict[str, Any]) -> dict[str, Any]:
     logits = model_logits(
         fitted.model, data.x.to(device), queries=recipe["queries"], stochastic=recipe["stochastic"]
     )
-    write_npy(Path(job["folder"]) / "logits" / f"{job['index']}.npy", logits.astype(np.float32))
     passes = get_mechanism(recipe["mechanism"]).eval_passes(fitted.config)
     acc, _ = heldout_accuracy(fitted.model, data, members, device, passes)
-    return {"index": job["index"], "test_accuracy": acc, "seconds": fitted.seconds}
+    return {
+        "index": job["index"],
+        "logits": logits.astype(np.float32),
+        "test_accuracy": acc,
+        "seconds": fitted.seconds,
+    }
 
 
 def ensure_references(
@@ -137,10 +142,14 @@ def ensure_references(
     executor: Executor | None = None,
     device: str = "cpu",
     progress: bool = False,
+    data: Dataset | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train the references of ``folder`` that are missing; return (keep [M, N], logits [M, N, Q, C]).
 
-    A folder made for another recipe is refused, naming the first differences.
+    Each reference's logits are written (atomically) here as soon as it finishes, so a killed
+    run resumes with the missing ones whichever executor trained them. ``data`` (the recipe's
+    dataset) is shipped to executors that want it. A folder made for another recipe is
+    refused, naming the first differences.
     """
     folder = Path(folder)
     recipe_json = recipe.to_json()
@@ -178,7 +187,6 @@ def ensure_references(
                 "keep": keep[i],
                 "init_seed": init_seed,
                 "train_seed": train_seed,
-                "folder": str(folder),
                 "device": device,
             }
         )
@@ -189,7 +197,9 @@ def ensure_references(
         with tqdm(
             total=count, initial=count - len(jobs), desc="references", disable=not progress, unit="model"
         ) as bar:
-            for _, _result in (executor or SerialExecutor()).map(train_reference, jobs):
+            shared = shared_payload(data) if data is not None and data.sha256 == recipe.data_sha256 else None
+            for _, result in (executor or SerialExecutor()).map(train_reference, jobs, shared):
+                write_npy(folder / "logits" / f"{result['index']}.npy", result["logits"])
                 bar.update(1)
     return keep, load_reference_logits(folder, count)
 

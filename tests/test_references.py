@@ -93,13 +93,14 @@ def test_attack_writes_results_and_resumes_without_retraining(target, tmp_path):
     assert logits.shape == (400, 1, 2) and logits.dtype == np.float32
     # a finished reference is never trained again
     stamps = {p.name: p.stat().st_mtime_ns for p in (folder / "logits").iterdir()}
+    third = np.load(folder / "logits" / "3.npy")
     (folder / "logits" / "3.npy").unlink()
     again = attack_target(request, out)
     assert again["targets"][0]["attacks"]["loss"] == t["attacks"]["loss"]
     for name, stamp in stamps.items():
         if name != "3.npy":
             assert (folder / "logits" / name).stat().st_mtime_ns == stamp
-    np.testing.assert_array_equal(np.load(folder / "logits" / "3.npy"), np.load(folder / "logits" / "3.npy"))
+    np.testing.assert_array_equal(np.load(folder / "logits" / "3.npy"), third)  # same seeds, same model
 
 
 def test_references_with_another_recipe_are_refused(target, tmp_path):
@@ -178,7 +179,6 @@ def test_kill_9_resumes(target, tmp_path):
     proc.wait()
     done = sorted(p.name for p in logits.glob("*.npy"))
     assert 2 <= len(done) < 8, done
-    assert not list(logits.glob(".*.tmp")) or True  # a temp file may remain; it is never read
     stamps = {name: (logits / name).stat().st_mtime_ns for name in done}
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     for name, stamp in stamps.items():
