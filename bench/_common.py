@@ -26,6 +26,7 @@ __all__ = [
     "interleaved_medians",
     "interleaved_times",
     "mnist5k_members",
+    "sgd_recipe",
 ]
 
 
@@ -106,3 +107,24 @@ def interleaved_medians(
     interleaved_times(runners, warmup)
     times = interleaved_times(runners, rounds)
     return {k: statistics.median(v) for k, v in times.items()}, times
+
+
+def sgd_recipe(data, **hyper):
+    """A reference recipe: the cnn trained with sgd on mnist5k (``data``), TrainConfig's
+    defaults with ``hyper`` on top, two queries, seed 0."""
+    from audit.data import DataOptions
+    from audit.references import Recipe
+
+    options = {**TrainConfig().__dict__, **hyper}
+    options.pop("progress")
+    return Recipe(
+        dataset="mnist5k",
+        data_options=DataOptions().to_json(),
+        data_sha256=data.sha256,
+        model="cnn",
+        mechanism="sgd",
+        hyperparameters=options,
+        queries=2,
+        stochastic=False,
+        seed=0,
+    )

@@ -20,35 +20,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import sgd_recipe
 
-from audit.data import DataOptions, load_dataset
+from audit.data import load_dataset
 from audit.executors import ExecutorSettings, LocalExecutor, RayExecutor, SerialExecutor
-from audit.references import Recipe, ensure_references
-from mechanisms import TrainConfig
-
-
-def _recipe(data) -> Recipe:
-    # the quick preset's sgd target: cnn, 15 epochs, batch 64, lr 0.05, two queries
-    hyper = {**TrainConfig().__dict__, "epochs": 15, "batch_size": 64, "lr": 0.05}
-    hyper.pop("progress")
-    return Recipe(
-        dataset="mnist5k",
-        data_options=DataOptions().to_json(),
-        data_sha256=data.sha256,
-        model="cnn",
-        mechanism="sgd",
-        hyperparameters=hyper,
-        queries=2,
-        stochastic=False,
-        seed=0,
-    )
+from audit.references import ensure_references
 
 
 def _time(executor, data, models: int) -> tuple[float, np.ndarray]:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         _, logits = ensure_references(
-            tmp, _recipe(data), models, data.population, executor=executor, data=data
+            tmp,
+            sgd_recipe(
+                data, epochs=15, batch_size=64, lr=0.05
+            ),  # the quick preset's sgd target, models, data.population, executor=executor, data=data
         )
         return time.perf_counter() - start, logits
 

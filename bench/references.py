@@ -23,29 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import sgd_recipe
 
 from attacks.rmia import rmia_scores, rmia_scores_naive
-from audit.data import DataOptions, load_dataset
+from audit.data import load_dataset
 from audit.executors import LocalExecutor, SerialExecutor
-from audit.references import Recipe, ensure_references
-from mechanisms import TrainConfig
+from audit.references import ensure_references
 
 
 def _references(models: int, epochs: int) -> dict:
     data = load_dataset("mnist5k")
-    hyper = {**TrainConfig().__dict__, "epochs": epochs}
-    hyper.pop("progress")
-    recipe = Recipe(
-        dataset="mnist5k",
-        data_options=DataOptions().to_json(),
-        data_sha256=data.sha256,
-        model="cnn",
-        mechanism="sgd",
-        hyperparameters=hyper,
-        queries=2,
-        stochastic=False,
-        seed=0,
-    )
+    recipe = sgd_recipe(data, epochs=epochs)
     timings = {}
     for name, executor in (
         ("2 workers x 1 thread", LocalExecutor(2, threads=1)),

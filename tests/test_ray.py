@@ -4,7 +4,6 @@ a killed worker's job retried, a failing job's error reported, a killed driver r
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,8 @@ import ray
 from audit.cli import main
 from audit.executors import ExecutorSettings, JobError, LocalExecutor, RayExecutor
 from audit.references import Recipe, ensure_references
+
+from .test_references import kill_then_resume
 
 # the helpers below run in Ray workers, which may not find this test module on their path
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -195,18 +196,4 @@ def test_a_killed_driver_resumes_and_trains_only_the_missing_references(tmp_path
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "audit.cli", "attack", "--target", str(target), "--attacks", "lira-online"]
     cmd += ["--references", "8", "--executor", "ray", "--resamples", "100", "--quiet", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    logits = out / "references" / "sgd" / "logits"
-    deadline = time.time() + 180
-    while time.time() < deadline and (not logits.is_dir() or len(list(logits.glob("*.npy"))) < 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = sorted(p.name for p in logits.glob("*.npy"))
-    assert 2 <= len(done) < 8, done
-    stamps = {name: (logits / name).stat().st_mtime_ns for name in done}
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
-    for name, stamp in stamps.items():
-        assert (logits / name).stat().st_mtime_ns == stamp
-    assert len(list(logits.glob("*.npy"))) == 8 and (out / "results.json").is_file()
+    kill_then_resume(cmd, out, references=8, seconds=180)

@@ -170,20 +170,27 @@ def test_kill_9_resumes(target, tmp_path):
         "--out",
         str(out),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_then_resume(cmd, out, references=8)
+
+
+def kill_then_resume(cmd, out, *, references, seconds=120):
+    """SIGKILL ``cmd`` once 2 references are written; the rerun keeps them untouched and
+    trains the rest (shared with tests/test_ray.py)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     logits = out / "references" / "sgd" / "logits"
-    deadline = time.time() + 120
+    deadline = time.time() + seconds
     while time.time() < deadline and (not logits.is_dir() or len(list(logits.glob("*.npy"))) < 2):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = sorted(p.name for p in logits.glob("*.npy"))
-    assert 2 <= len(done) < 8, done
+    assert 2 <= len(done) < references, done
     stamps = {name: (logits / name).stat().st_mtime_ns for name in done}
-    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
     for name, stamp in stamps.items():
         assert (logits / name).stat().st_mtime_ns == stamp
-    assert len(list(logits.glob("*.npy"))) == 8 and (out / "results.json").is_file()
+    assert len(list(logits.glob("*.npy"))) == references and (out / "results.json").is_file()
 
 
 def _running(pid):
