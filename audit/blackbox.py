@@ -36,8 +36,12 @@ __all__ = [
     "input_canary_seed",
     "load_input_canaries",
     "make_input_canaries",
+    "run_twin_job",
     "save_input_canaries",
     "train_twin",
+    "twin_audit",
+    "twin_job",
+    "write_twin",
 ]
 
 INPUT_KINDS = ("mislabelled", "ood")
@@ -216,6 +220,118 @@ def blackbox_audit(
     }
 
 
+def _reusable_twin(twin_dir: Path, settings: dict[str, Any]) -> bool:
+    existing = twin_dir / "model.json"
+    return (
+        existing.is_file()
+        and (twin_dir / INPUT_FILE).is_file()
+        and load_checkpoint(twin_dir).meta.get("input_canaries", {}).get("settings") == settings
+    )
+
+
+def twin_job(
+    target_dir: Path, *, count: int, kind: str, seed: int, device_name: str, queries: int
+) -> dict[str, Any] | None:
+    """The executor job that trains ``target_dir``'s canary twin, or None when a twin with these
+    settings is already there. The job carries the target's checkpoint (small) and the data's
+    identity, not the data."""
+    if _reusable_twin(target_dir / TWIN, {"count": count, "kind": kind}):
+        return None
+    target = load_checkpoint(target_dir)
+    return {
+        "target": str(target_dir),
+        "meta": target.meta,
+        "keep": target.keep,
+        "state_dict": target.state_dict,
+        "count": count,
+        "kind": kind,
+        "seed": seed,
+        "device": device_name,
+        "queries": queries,
+    }
+
+
+def run_twin_job(job: dict[str, Any], data: Dataset | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train and score a canary twin (in a worker, perhaps on another machine); returns what
+    :func:`write_twin` writes. ``data`` is loaded by identity (and checked) when not given."""
+    from mechanisms import build_model, get_mechanism
+
+    from .checkpoint import apply_weights
+    from .data import load_verified
+    from .train import fit, heldout_accuracy, released, resolve_device, seeds
+
+    meta, keep, seed = job["meta"], job["keep"], job["seed"]
+    if data is None:
+        d = meta["dataset"]
+        data = load_verified(d["id"], d["options"], d["sha256"])
+    device = resolve_device(job["device"])
+    mechanism = get_mechanism(meta["mechanism"])
+    options = {k: v for k, v in meta["hyperparameters"].items() if k != "progress"}
+    settings = {"count": job["count"], "kind": job["kind"]}
+    canaries = make_input_canaries(
+        data, ~keep, job["count"], job["kind"], np.random.default_rng(input_canary_seed(seed))
+    )
+    _, init_seed, train_seed = seeds(seed)
+    fitted = fit(
+        data,
+        model_name=meta["model"],
+        mechanism_name=meta["mechanism"],
+        options=options,
+        members=keep,
+        init_seed=init_seed,
+        train_seed=train_seed,
+        device=device,
+        progress=progress,
+        extra=(
+            torch.from_numpy(canaries.x[canaries.included]),
+            torch.from_numpy(canaries.labels[canaries.included]),
+        ),
+    )
+    config = fitted.config
+    passes = mechanism.eval_passes(config)
+    stochastic = mechanism.stochastic(config)
+    model = fitted.model
+    scores = canary_scores(model, canaries, device, queries=job["queries"], stochastic=stochastic)
+    # held-out accuracy on the non-members that are not canary images, for twin and target alike
+    clean = keep.copy()
+    clean[canaries.source[canaries.source >= 0]] = True
+    twin_acc, split = heldout_accuracy(model, data, clean, device, passes)
+    plain = build_model(meta["model"], data.input_shape, data.num_classes).to(device)
+    inference = released(plain, meta["mechanism"], options, seed)
+    apply_weights(inference.model, job["state_dict"])
+    target_acc, _ = heldout_accuracy(inference.model, data, clean, device, inference.passes)
+    twin_meta = {
+        **{k: v for k, v in meta.items() if k not in ("canaries", "history", "extras", "files")},
+        "privacy": fitted.result.privacy.to_json(),
+        "test_accuracy": twin_acc,
+        "test_split": split + " without canary images",
+        "train_seconds": round(fitted.seconds, 3),
+        "members": int(keep.sum()) + int(canaries.included.sum()),
+        "input_canaries": {
+            "settings": settings,
+            "included": int(canaries.included.sum()),
+            "target_test_accuracy_same_split": target_acc,
+        },
+        "history": fitted.result.history,
+    }
+    state = {k: v.detach().cpu() for k, v in fitted.result.state_dict.items()}
+    return {
+        "target": job["target"],
+        "state_dict": state,
+        "meta": twin_meta,
+        "keep": keep,
+        "canaries": canaries,
+        "scores": scores,
+    }
+
+
+def write_twin(target_dir: Path, twin: dict[str, Any]) -> None:
+    """Write a twin computed by :func:`run_twin_job` under ``target_dir/twin``."""
+    twin_dir = target_dir / TWIN
+    save_input_canaries(twin_dir / INPUT_FILE, twin["canaries"], twin["scores"])
+    save_checkpoint(twin_dir, twin["state_dict"], twin["meta"], twin["keep"], (INPUT_FILE,))
+
+
 def train_twin(
     target_dir: Path,
     data: Dataset,
@@ -234,78 +350,18 @@ def train_twin(
     Returns the black-box ``canary_audits`` entry. The twin's checkpoint records its own
     accountant epsilon (more training data at the same lot size calibrates to a smaller noise).
     """
-    from mechanisms import build_model, get_mechanism
+    job = twin_job(target_dir, count=count, kind=kind, seed=seed, device_name=device_name, queries=queries)
+    if job is not None:
+        write_twin(target_dir, run_twin_job(job, data, progress))
+    return twin_audit(target_dir, data, delta=delta, confidence=confidence)
 
-    from .checkpoint import apply_weights
-    from .train import fit, heldout_accuracy, released, resolve_device, seeds
 
-    target = load_checkpoint(target_dir)
-    meta = target.meta
+def twin_audit(target_dir: Path, data: Dataset, *, delta: float, confidence: float) -> dict[str, Any]:
+    """The black-box audit of the canary twin already written under ``target_dir/twin``."""
     twin_dir = target_dir / TWIN
-    device = resolve_device(device_name)
-    mechanism = get_mechanism(meta["mechanism"])
-    options = {k: v for k, v in meta["hyperparameters"].items() if k != "progress"}
-    settings = {"count": count, "kind": kind}
-    existing = twin_dir / "model.json"
-    if (
-        existing.is_file()
-        and (twin_dir / INPUT_FILE).is_file()
-        and load_checkpoint(twin_dir).meta.get("input_canaries", {}).get("settings") == settings
-    ):
-        twin = load_checkpoint(twin_dir)
-        canaries = load_input_canaries(twin_dir / INPUT_FILE, data)
-        twin_meta = twin.meta
-        scores = np.load(twin_dir / INPUT_FILE, allow_pickle=False)["scores"]
-    else:
-        keep = target.keep
-        canaries = make_input_canaries(
-            data, ~keep, count, kind, np.random.default_rng(input_canary_seed(seed))
-        )
-        _, init_seed, train_seed = seeds(seed)
-        fitted = fit(
-            data,
-            model_name=meta["model"],
-            mechanism_name=meta["mechanism"],
-            options=options,
-            members=keep,
-            init_seed=init_seed,
-            train_seed=train_seed,
-            device=device,
-            progress=progress,
-            extra=(
-                torch.from_numpy(canaries.x[canaries.included]),
-                torch.from_numpy(canaries.labels[canaries.included]),
-            ),
-        )
-        config = fitted.config
-        passes = mechanism.eval_passes(config)
-        stochastic = mechanism.stochastic(config)
-        model = fitted.model
-        scores = canary_scores(model, canaries, device, queries=queries, stochastic=stochastic)
-        # held-out accuracy on the non-members that are not canary images, for twin and target alike
-        clean = keep.copy()
-        clean[canaries.source[canaries.source >= 0]] = True
-        twin_acc, split = heldout_accuracy(model, data, clean, device, passes)
-        plain = build_model(meta["model"], data.input_shape, data.num_classes).to(device)
-        inference = released(plain, meta["mechanism"], options, seed)
-        apply_weights(inference.model, target.state_dict)
-        target_acc, _ = heldout_accuracy(inference.model, data, clean, device, inference.passes)
-        twin_meta = {
-            **{k: v for k, v in meta.items() if k not in ("canaries", "history", "extras")},
-            "privacy": fitted.result.privacy.to_json(),
-            "test_accuracy": twin_acc,
-            "test_split": split + " without canary images",
-            "train_seconds": round(fitted.seconds, 3),
-            "members": int(keep.sum()) + int(canaries.included.sum()),
-            "input_canaries": {
-                "settings": settings,
-                "included": int(canaries.included.sum()),
-                "target_test_accuracy_same_split": target_acc,
-            },
-            "history": fitted.result.history,
-        }
-        save_input_canaries(twin_dir / INPUT_FILE, canaries, scores)
-        save_checkpoint(twin_dir, fitted.result.state_dict, twin_meta, keep, (INPUT_FILE,))
+    twin_meta = load_checkpoint(twin_dir).meta
+    canaries = load_input_canaries(twin_dir / INPUT_FILE, data)
+    scores = np.load(twin_dir / INPUT_FILE, allow_pickle=False)["scores"]
     privacy = twin_meta["privacy"]
     return blackbox_audit(
         scores,

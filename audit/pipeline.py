@@ -16,14 +16,22 @@ import numpy as np
 from mechanisms import get_mechanism
 from reports import TargetArrays, render_html, render_markdown
 
-from .attack import AttackRequest, attack_checkpoint, load_results, parse_attack_spec, results_document
-from .blackbox import train_twin
+from .attack import (
+    AttackRequest,
+    attack_checkpoint,
+    default_queries,
+    load_results,
+    parse_attack_spec,
+    results_document,
+)
+from .blackbox import run_twin_job, twin_audit, twin_job, write_twin
 from .canary import audits_for_checkpoint
 from .checkpoint import load_checkpoint
 from .config import RunConfig
-from .data import DataOptions, Dataset, load_dataset
+from .data import DataOptions, Dataset, load_dataset, shared_payload
+from .executors import Executor, make_executor
 from .files import check_id, holds_files, inside, write_json, write_text
-from .train import TrainRequest, train_target
+from .train import TrainRequest, target_job, write_target
 
 __all__ = ["render_report", "run"]
 
@@ -116,14 +124,11 @@ def run(
         )
     write_text(existing, resolved)
     request = _request(config, progress=progress)
-    entries = []
+    executor = make_executor(config.workers, config.executor)
+    todo: list[tuple[Path, TrainRequest]] = []
     for k, (tid, mechanism, options, model) in enumerate(plan, 1):
         tdir = inside(out, "targets", tid)
-        canaries = (
-            config.canaries
-            if config.canaries.enabled and get_mechanism(mechanism).gradient_canaries
-            else None
-        )
+        canaries = _gradient_canaries(config, mechanism)
         stale = (tdir / "model.json").is_file() and _changed(tdir, model, mechanism, options, config, data)
         if stale:
             # trained with another recipe: its references and twin are the old recipe's too
@@ -133,25 +138,30 @@ def run(
             shutil.rmtree(inside(out, "references", tid), ignore_errors=True)
             shutil.rmtree(tdir, ignore_errors=True)
         if not (tdir / "model.json").is_file() or not _has_canaries(tdir, canaries):
-            logger.info("[%d/%d] training target %s", k, len(plan), tid)
-            if progress:
-                print(f"[{k}/{len(plan)}] training target {tid}", flush=True)
-            train_target(
-                TrainRequest(
-                    dataset=config.dataset,
-                    model=model,
-                    mechanism=mechanism,
-                    options=options,
-                    data_options=data_opts,
-                    seed=config.seed,
-                    device=config.device,
-                    progress=progress,
-                    canaries=canaries,
-                ),
-                tdir,
+            todo.append(
+                (
+                    tdir,
+                    TrainRequest(
+                        dataset=config.dataset,
+                        model=model,
+                        mechanism=mechanism,
+                        options=options,
+                        data_options=data_opts,
+                        seed=config.seed,
+                        device=config.device,
+                        progress=False,
+                        canaries=canaries,
+                    ),
+                )
             )
         elif progress:
             print(f"[{k}/{len(plan)}] target {tid}: reusing the trained model", flush=True)
+    _train_targets(todo, data, executor, progress)
+    if config.canaries.inputs > 0:
+        _train_twins(plan, out, config, data, request, executor, progress)
+    entries = []
+    for k, (tid, mechanism, _options, _model) in enumerate(plan, 1):
+        tdir = inside(out, "targets", tid)
         ck = load_checkpoint(tdir)
         if progress:
             print(f"[{k}/{len(plan)}] attacking target {tid}", flush=True)
@@ -165,32 +175,80 @@ def run(
             request=request,
             tid=tid,
         )
-        if canaries is not None:
+        if _gradient_canaries(config, mechanism) is not None:
             entry["canary_audits"] = audits_for_checkpoint(tdir, ck.meta, delta=config.delta)
         if config.canaries.inputs > 0:
-            if progress:
-                print(
-                    f"[{k}/{len(plan)}] canary twin of {tid}: {config.canaries.inputs} input canaries",
-                    flush=True,
-                )
-            twin = train_twin(
-                tdir,
-                data,
-                count=config.canaries.inputs,
-                kind=config.canaries.input_kind,
-                seed=config.seed,
-                device_name=config.device,
-                queries=entry["queries"],
-                delta=config.delta,
-                confidence=config.canaries.confidence,
-                progress=progress,
-            )
+            twin = twin_audit(tdir, data, delta=config.delta, confidence=config.canaries.confidence)
             entry.setdefault("canary_audits", []).append(twin)
         entries.append(entry)
     results = results_document(data, data_opts.to_json(), config.seed, entries)
     write_json(out / "results.json", results)
     render_report(out, data=data)
     return results
+
+
+def _gradient_canaries(config: RunConfig, mechanism: str) -> Any:
+    """The white-box canary settings a target of ``mechanism`` trains with, or None."""
+    c = config.canaries
+    return c if c.enabled and get_mechanism(mechanism).gradient_canaries else None
+
+
+def _train_targets(
+    todo: list[tuple[Path, TrainRequest]], data: Dataset, executor: Executor, progress: bool
+) -> None:
+    """Train the targets of ``todo`` through ``executor`` (independent targets at once); the
+    driver writes each checkpoint as soon as its job returns, so a killed run keeps them."""
+    if not todo:
+        return
+    from tqdm.auto import tqdm
+
+    jobs = [{"request": request, "sha256": data.sha256} for _, request in todo]
+    names = ", ".join(tdir.name for tdir, _ in todo)
+    if progress:
+        print(f"training {len(todo)} target(s): {names}", flush=True)
+    with tqdm(total=len(todo), desc="targets", disable=not progress, unit="model") as bar:
+        for i, trained in executor.map(target_job, jobs, shared_payload(data)):
+            tdir, request = todo[i]
+            write_target(tdir, request, trained)
+            logger.info("trained target %s", tdir.name)
+            bar.update(1)
+
+
+def _train_twins(
+    plan: list[tuple[str, str, dict[str, Any], str]],
+    out: Path,
+    config: RunConfig,
+    data: Dataset,
+    request: AttackRequest,
+    executor: Executor,
+    progress: bool,
+) -> None:
+    """Train the canary twins that are missing (or were made with other settings), at once."""
+    from tqdm.auto import tqdm
+
+    jobs = []
+    for tid, _mechanism, _options, _model in plan:
+        tdir = inside(out, "targets", tid)
+        job = twin_job(
+            tdir,
+            count=config.canaries.inputs,
+            kind=config.canaries.input_kind,
+            seed=config.seed,
+            device_name=config.device,
+            queries=request.queries or default_queries(data.input_shape),
+        )
+        if job is not None:
+            jobs.append(job)
+    if not jobs:
+        return
+    if progress:
+        print(
+            f"training {len(jobs)} canary twin(s), {config.canaries.inputs} input canaries each", flush=True
+        )
+    with tqdm(total=len(jobs), desc="canary twins", disable=not progress, unit="model") as bar:
+        for i, twin in executor.map(run_twin_job, jobs, shared_payload(data)):
+            write_twin(Path(jobs[i]["target"]), twin)
+            bar.update(1)
 
 
 def _changed(

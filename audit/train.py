@@ -18,20 +18,24 @@ from mechanisms.training import accuracy
 
 from .canary import CanarySettings, make_canaries, save_record
 from .checkpoint import save_checkpoint
-from .data import DataOptions, Dataset, load_dataset
+from .data import DataOptions, Dataset, load_dataset, load_verified
 from .files import holds_files
 
 __all__ = [
     "Fitted",
     "TrainRequest",
+    "TrainedTarget",
     "check_output_dir",
+    "compute_target",
     "fit",
     "half_mask",
     "heldout_accuracy",
     "released",
     "resolve_device",
     "seeds",
+    "target_job",
     "train_target",
+    "write_target",
 ]
 
 MODEL_SCHEMA = "mia-audit/model/v1"
@@ -185,14 +189,54 @@ def seeds(root: int) -> tuple[np.ndarray, int, int]:
     return keep_seq, int(init_seq.generate_state(1)[0]), int(train_seq.generate_state(1)[0])
 
 
+@dataclass(frozen=True)
+class TrainedTarget:
+    """A trained target before it is written: what a worker (perhaps on another machine)
+    returns to the driver, which writes it with :func:`write_target`."""
+
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any]  # model.json without the canary file's fields
+    keep: np.ndarray
+    canaries: Any = None  # mechanisms.canaries.CanaryRecord when canaries rode along
+
+
 def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
     """Train a target on a random half of the population and write its checkpoint to ``out``.
 
     Seeds: ``SeedSequence(seed)`` spawns independent streams for the membership half, the
     weight initialisation and the training randomness (sampling, noise).
     """
+    return write_target(out, request, compute_target(request))
+
+
+def write_target(out: str | Path, request: TrainRequest, trained: TrainedTarget) -> dict[str, Any]:
+    """Write a trained target's checkpoint (and canary record) to ``out``; returns its meta."""
+    meta = dict(trained.meta)
+    if trained.canaries is not None:
+        assert request.canaries is not None
+        meta["canaries"] = {
+            **request.canaries.gradient_json(),
+            "confidence": request.canaries.confidence,
+            **save_record(out, trained.canaries),
+        }
+    extra = ("canaries.npz",) if trained.canaries is not None else ()
+    save_checkpoint(out, trained.state_dict, meta, trained.keep, extra)
+    return meta
+
+
+def target_job(job: dict[str, Any]) -> TrainedTarget:
+    """A target's training as an executor job: ``job['request']`` (a TrainRequest) and the
+    data's identity (``dataset``, ``options``, ``sha256``), checked where the job runs."""
+    request: TrainRequest = job["request"]
+    data = load_verified(request.dataset, request.data_options.to_json(), job["sha256"])
+    return compute_target(request, data)
+
+
+def compute_target(request: TrainRequest, data: Dataset | None = None) -> TrainedTarget:
+    """Train the target of ``request`` (on ``data`` when given, else loaded) without writing."""
     mechanism = get_mechanism(request.mechanism)
-    data: Dataset = load_dataset(request.dataset, request.data_options)
+    if data is None:
+        data = load_dataset(request.dataset, request.data_options)
     device = resolve_device(request.device)
     keep_seq, init_seed, train_seed = seeds(request.seed)
     keep = half_mask(data.population, np.random.default_rng(keep_seq))
@@ -248,13 +292,5 @@ def train_target(request: TrainRequest, out: str | Path) -> dict[str, Any]:
             "mia_audit": getattr(mechanisms, "__version__", "0.1.0"),
         },
     }
-    if fitted.canaries is not None:
-        assert request.canaries is not None
-        meta["canaries"] = {
-            **request.canaries.gradient_json(),
-            "confidence": request.canaries.confidence,
-            **save_record(out, fitted.canaries),
-        }
-    extra = ("canaries.npz",) if fitted.canaries is not None else ()
-    save_checkpoint(out, result.state_dict, meta, keep, extra)
-    return meta
+    state = {k: v.detach().cpu() for k, v in result.state_dict.items()}
+    return TrainedTarget(state, meta, keep, fitted.canaries)

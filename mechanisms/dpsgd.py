@@ -354,17 +354,16 @@ def dpsgd_epoch(
     config: DpSgdConfig,
     generator: torch.Generator,
     epoch: int = 1,
+    gradient: GradientFn,
     on_step: Callable[[], None] | None = None,
-    gradient: GradientFn | None = None,
     canaries: GradientCanaries | None = None,
 ) -> float:
     """One epoch (``plan.steps / epochs`` Poisson lots) of DP-SGD; returns the mean train loss.
 
-    ``gradient`` computes a lot's privatised gradient (default: DP-SGD's); mechanisms built on
-    DP-SGD (DPlis) swap in their own. The loss is a diagnostic computed on private data
+    ``gradient`` computes a lot's privatised gradient (:func:`dpsgd_gradient` for DP-SGD);
+    mechanisms built on DP-SGD (DPlis) pass their own. The loss is a diagnostic computed on private data
     without noise: it is not covered by the DP guarantee and never used by training.
     """
-    gradient = gradient or dpsgd_gradient(config, plan, generator)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     total, count = 0.0, 0
     for step in range(1, plan.steps // config.epochs + 1):

@@ -111,6 +111,46 @@ def test_run_resumes_without_retraining(run_dir):
     assert model.stat().st_mtime_ns == stamp
 
 
+def test_targets_and_twins_trained_by_worker_processes_equal_those_trained_in_process(tmp_path):
+    # two worker processes (one torch thread each) train the two targets at once, then the two
+    # twins, and the driver writes what they return; the same run in this process with one
+    # thread gives the same bytes (with more threads the float order, and the bits, may differ)
+    import torch
+
+    (tmp_path / "w.toml").write_text(SMALL.replace("workers = 1", "workers = 2"))
+    (tmp_path / "s.toml").write_text(SMALL)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["run", str(tmp_path / "s.toml"), "--out", str(tmp_path / "serial"), "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert main(["run", str(tmp_path / "w.toml"), "--out", str(tmp_path / "workers"), "--quiet"]) == 0
+    for tid in ("sgd", "dpsgd-eps8"):
+        names = (
+            "model.safetensors",
+            "keep.npy",
+            "canaries.npz",
+            "twin/model.safetensors",
+            "twin/input_canaries.npz",
+        )
+        for name in names:
+            a = (tmp_path / "serial" / "targets" / tid / name).read_bytes()
+            assert a == (tmp_path / "workers" / "targets" / tid / name).read_bytes(), (tid, name)
+        a, b = (
+            json.loads((tmp_path / d / "targets" / tid / "model.json").read_text())
+            for d in ("serial", "workers")
+        )
+        for meta in (a, b):
+            meta.pop("train_seconds")
+        assert a == b
+    serial, workers = (
+        json.loads((tmp_path / d / "results.json").read_text())["targets"] for d in ("serial", "workers")
+    )
+    assert [t["canary_audits"] for t in serial] == [t["canary_audits"] for t in workers]
+    assert [t["attacks"] for t in serial] == [t["attacks"] for t in workers]
+
+
 def test_run_refuses_another_config_in_the_same_folder(run_dir, capsys):
     (run_dir / "other.toml").write_text(SMALL.replace("seed = 0", "seed = 1"))
     assert main(["run", str(run_dir / "other.toml"), "--out", str(run_dir / "out"), "--quiet"]) == 2

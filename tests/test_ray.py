@@ -173,6 +173,9 @@ options = { epochs = 3, batch_size = 32 }
 name = "dpsgd"
 budgets = [4.0]
 options = { epochs = 2, batch_size = 64, lr = 0.5 }
+[canaries]
+count = 500
+inputs = 40
 """
 
 
@@ -184,7 +187,15 @@ def test_run_with_the_ray_executor_equals_the_local_run(ray_instance, tmp_path):
     local = json.loads((tmp_path / "local" / "results.json").read_text())
     remote = json.loads((tmp_path / "ray" / "results.json").read_text())
     assert [t["attacks"] for t in local["targets"]] == [t["attacks"] for t in remote["targets"]]
+    assert [t["canary_audits"] for t in local["targets"]] == [t["canary_audits"] for t in remote["targets"]]
     assert (tmp_path / "local" / "config.toml").read_text() == (tmp_path / "ray" / "config.toml").read_text()
+    # targets, their canary records and their twins were trained by Ray workers, bit for bit
+    for tid in ("sgd", "dpsgd-eps4"):
+        for name in ("model.safetensors", "keep.npy", "canaries.npz", "twin/model.safetensors"):
+            if tid == "sgd" and name == "canaries.npz":
+                continue
+            a = (tmp_path / "local" / "targets" / tid / name).read_bytes()
+            assert a == (tmp_path / "ray" / "targets" / tid / name).read_bytes(), (tid, name)
 
 
 def test_a_killed_driver_resumes_and_trains_only_the_missing_references(tmp_path):
