@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from attacks import cross_entropy
-from attacks.bounds import audit_canaries
+from attacks.canary_audit import audit_canaries
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Dataset

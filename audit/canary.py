@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.bounds import audit_canaries
+from attacks.canary_audit import audit_canaries
 from mechanisms.canaries import CanaryRecord, GradientCanaries, StepLaw
 
 from .files import atomic_write

@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 from _common import dp_parser, dp_start, fresh_cnn, interleaved_medians
 
-import mechanisms.per_example as pe
+import mechanisms.ghost_rules as gr
 from mechanisms.dpsgd import dpsgd_epoch, dpsgd_gradient
 from mechanisms.sgd import sgd_epoch
 
-RULE = pe._LayerRule
+RULE = gr.LayerRule
 ORIGINAL = {
     name: getattr(RULE, name)
     for name in ("_conv_patches", "_conv_shifted", "_patch_chunks", "_shifted_chunks")

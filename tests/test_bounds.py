@@ -8,13 +8,13 @@ from scipy import optimize, stats
 
 from attacks.bounds import (
     CanaryBound,
-    audit_canaries,
     fdp_one_run_epsilon,
     fdp_rejects,
     gdp_epsilon,
     gdp_mu_lower_bound,
     recompute_epsilon,
 )
+from attacks.canary_audit import audit_canaries
 from attacks.metrics import epsilon_lower_bound, one_run_epsilon_lower_bound
 
 

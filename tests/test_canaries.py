@@ -10,6 +10,7 @@ from sklearn.datasets import make_classification
 
 import mechanisms.dpsgd as dpsgd_module
 import mechanisms.per_example as per_example
+import mechanisms.privatise as privatise_module
 from audit.canary import canary_audits
 from mechanisms import build_model, config_from_mapping, get_mechanism
 from mechanisms.canaries import GradientCanaries, StepLaw
@@ -239,7 +240,7 @@ def test_planted_bug_noise_reused_at_every_step(data, monkeypatch):
             t.add_(cache[(key, t.shape)]).div_(expected_batch_size)
         return total
 
-    monkeypatch.setattr(dpsgd_module, "add_noise", reused)
+    monkeypatch.setattr(privatise_module, "add_noise", reused)
     strongest = _audit_dpsgd(data)
     assert strongest["white-box-steps"] > 2.0, strongest
     assert strongest["white-box-final"] < 2.0, strongest

@@ -164,11 +164,12 @@ def test_clipped_per_example_norms_bounded_on_real_gradients():
 def test_every_conv_route_equals_the_loop(monkeypatch, shifted, limit, chunk_bytes, name, shape):
     """Patch GEMMs (whole lot, one example or a few at a time; shifted-window patches for
     narrow inputs or not) and the grouped-backward fallback (limit 0) agree with the loop."""
+    import mechanisms.ghost_rules as gr
     import mechanisms.per_example as pe
 
-    monkeypatch.setattr(pe, "PATCH_LIMIT", limit)
-    monkeypatch.setattr(pe, "PATCH_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(pe, "SHIFTED_MAX_RUN", shifted)
+    monkeypatch.setattr(gr, "PATCH_LIMIT", limit)
+    monkeypatch.setattr(gr, "PATCH_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(gr, "SHIFTED_MAX_RUN", shifted)
     model = _model(name, shape)
     x, y = torch.randn(5, *shape, dtype=torch.float64) * 3, torch.randint(0, 5, (5,))
     fast = pe.ghost_per_example_grads(model, x, y)
@@ -274,17 +275,18 @@ class Shifted(nn.Module):
 @pytest.mark.parametrize("chunk_bytes", [1, 9000, 2**21])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_shifted_window_patches_equal_the_loop(monkeypatch, chunk_bytes, channels_last):
+    import mechanisms.ghost_rules as gr
     import mechanisms.per_example as pe
 
-    monkeypatch.setattr(pe, "PATCH_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(gr, "PATCH_CHUNK_BYTES", chunk_bytes)
     calls = []
-    original = pe._LayerRule._conv_shifted
+    original = gr.LayerRule._conv_shifted
 
     def spy(self, module, a, g):
-        calls.append(pe._channels_last_only(g))
+        calls.append(gr._channels_last_only(g))
         return original(self, module, a, g)
 
-    monkeypatch.setattr(pe._LayerRule, "_conv_shifted", spy)
+    monkeypatch.setattr(gr.LayerRule, "_conv_shifted", spy)
     torch.manual_seed(0)
     model = Shifted().double()
     x = torch.randn(5, 1, 47, 40, dtype=torch.float64) * 3
