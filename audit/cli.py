@@ -190,6 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as err:
         print(f"mia-audit: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except MemoryError as err:  # the input or options ask for more than this machine has
+        print(
+            f"mia-audit: error: out of memory ({err}); ask for less, or use a larger machine", file=sys.stderr
+        )
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("mia-audit: interrupted; finished files are kept, nothing half-written", file=sys.stderr)
         return 130

@@ -55,11 +55,25 @@ def load_digits(opts: DataOptions) -> Dataset:
     )
 
 
+# Generated data beyond this many values (samples x features) is refused: 10^8 float64 values
+# are 800 MB while scikit-learn generates them, already more than a test set needs.
+SYNTHETIC_MAX_VALUES = 10**8
+
+
 def load_synthetic(opts: DataOptions) -> Dataset:
     from sklearn.datasets import make_classification
 
     if opts.synthetic_samples < 4 or opts.synthetic_features < 2 or opts.synthetic_classes < 2:
         raise DataError("synthetic needs >= 4 samples, >= 2 features and >= 2 classes")
+    if opts.synthetic_samples * opts.synthetic_features > SYNTHETIC_MAX_VALUES:
+        raise DataError(
+            f"synthetic: {opts.synthetic_samples} samples x {opts.synthetic_features} features is more than "
+            f"{SYNTHETIC_MAX_VALUES:,} values; use fewer (or your own data as npz:PATH)"
+        )
+    if opts.synthetic_classes > opts.synthetic_samples // 2:
+        raise DataError(
+            f"synthetic: {opts.synthetic_classes} classes need at least {2 * opts.synthetic_classes} samples"
+        )
     informative = max(2, min(opts.synthetic_features, 2 * opts.synthetic_classes))
     x, y = make_classification(
         n_samples=opts.synthetic_samples,

@@ -155,13 +155,33 @@ def test_gate_limit_keys_are_levels_compared_as_numbers(small_run, tmp_path, cap
     assert _gate(tmp_path, base, base, "--config", str(tmp_path / "lim.toml")) == 2
 
 
+def test_huge_synthetic_data_is_an_input_error(tmp_path, capsys):
+    # found by the run-configuration fuzz: 262,772,464 samples went to scikit-learn and failed
+    # with a MemoryError reported as an internal error (exit 3)
+    argv = ["train", "--dataset", "synthetic", "--synthetic-samples", "262772464", "--model", "mlp"]
+    assert main([*argv, "--out", str(tmp_path / "t")]) == 2
+    assert "synthetic" in capsys.readouterr().err
+
+
+def test_running_out_of_memory_is_exit_2_with_a_message(monkeypatch, capsys):
+    import audit.cli as cli
+
+    def hungry(kind):
+        raise MemoryError("Unable to allocate 39.2 GiB")
+
+    monkeypatch.setattr(cli, "cmd_list", hungry)
+    assert main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "Traceback" not in err
+
+
 def test_an_internal_error_is_exit_3_with_one_line(monkeypatch, capsys):
     import audit.cli as cli
 
     def boom(kind):
         raise KeyError("oops")
 
-    monkeypatch.setattr(cli, "_cmd_list", boom)
+    monkeypatch.setattr(cli, "cmd_list", boom)
     assert main(["models"]) == 3
     err = capsys.readouterr().err
     assert "internal error: KeyError" in err and "Traceback" not in err
