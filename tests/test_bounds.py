@@ -214,3 +214,36 @@ def test_bad_audit_input(kwargs, message):
         audit_canaries({"s": np.r_[s[:-1], np.nan]}, inc, delta=1e-5)
     with pytest.raises(ValueError, match="included and excluded"):
         audit_canaries({"s": s}, np.ones(10, bool), delta=1e-5)
+
+
+def test_recompute_splits_the_confidence_over_the_tests_and_uses_the_bounds_delta():
+    """The gate recomputes each bound at its own confidence: the Bonferroni split over the
+    bound's ``tests`` and its ``delta`` both matter (mutation testing found them unchecked)."""
+    _, _, bounds = _audit(2.0, 2)
+    for b in bounds:
+        j = b.to_json()
+        c = j["counts"]
+        for tests, delta in ((1, 1e-5), (4, 1e-5), (4, 1e-3)):
+            beta = 0.05 / tests
+            if b.method == "one-run":
+                want = one_run_epsilon_lower_bound(
+                    c["canaries"], c["guesses"], c["correct"], delta=delta, beta=beta
+                )
+            elif b.method == "f-dp-one-run":
+                want = fdp_one_run_epsilon(c["canaries"], c["guesses"], c["correct"], delta=delta, beta=beta)
+            elif b.method == "clopper-pearson":
+                want = epsilon_lower_bound(
+                    c["fp"], c["negatives"], c["fn"], c["positives"], delta=delta, alpha=beta
+                )
+            else:
+                mu = gdp_mu_lower_bound(c["fp"], c["negatives"], c["fn"], c["positives"], alpha=beta)
+                want = gdp_epsilon(mu, delta)
+            assert recompute_epsilon({**j, "tests": tests, "delta": delta}, 0.95) == pytest.approx(
+                want, abs=1e-9
+            )
+        one, four = (recompute_epsilon({**j, "tests": t, "delta": 1e-5}, 0.95) for t in (1, 4))
+        assert 0 < four < one, (b.method, one, four)  # a split confidence gives a lower bound
+        loose = recompute_epsilon({**j, "tests": 1, "delta": 1e-2}, 0.95)
+        assert loose < one, (b.method, loose, one)  # a larger delta explains more: a lower epsilon
+    with pytest.raises(ValueError, match="unknown bound method"):
+        recompute_epsilon({**bounds[0].to_json(), "method": "guess"}, 0.95)

@@ -146,6 +146,33 @@ def test_encoding_canary_is_one_clamped_coordinate():
     )
 
 
+def test_encoding_canaries_release_the_encoded_value_over_the_lot_size():
+    """A canary lot through encoding: included canaries released at canary_value / b (noise
+    negligible), excluded at 0; the denoiser's factor scales the update only. With C != 1 and
+    a factor != 1 so that misplaced factors show (mutation testing found these unchecked)."""
+    config = EncodingConfig(top_k=30, codebook_size=6, noise_multiplier=1.0, clip_norm=2.0)
+    encoder = Encoder(config, dim=200)
+    canaries = GradientCanaries(300, seed=0, norm=3.0)
+    lot = canaries.draw(1.0, dpsgd_module.poisson_lot)  # every included canary
+    encoder._privatise_canaries(lot, scale=1e-12, expected=8.0, factor=0.25)
+    value = encoder.canary_value(2.0, 3.0)
+    assert value > 0
+    expected = canaries.included.float() * value / 8.0
+    torch.testing.assert_close(lot.released, expected.to(lot.released), atol=1e-9, rtol=1e-5)
+    torch.testing.assert_close(lot.update, lot.released * 0.25)
+    # the encoded canary is the clipped, scaled, clamped first coordinate: below C times the
+    # multiplier and at most the largest codeword's first entry
+    top = float(encoder.codebook[:, 0].max())
+    assert value == pytest.approx(min(top, 2.0 * config.quant_multiplier))
+    # where the clamp does not bind, the value is the clip norm times the multiplier
+    small = Encoder(
+        EncodingConfig(top_k=30, codebook_size=6, noise_multiplier=1.0, clip_norm=4.0, quant_multiplier=0.05),
+        dim=200,
+    )
+    assert float(small.codebook[:, 0].max()) > 4.0 * 0.05
+    assert small.canary_value(4.0, 3.0) == pytest.approx(4.0 * 0.05)
+
+
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
 def test_dplis_canaries_are_clipped_like_dpsgd(reduce):
     model = build_model("mlp", (20,), 2, seed=0)

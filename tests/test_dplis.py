@@ -136,3 +136,14 @@ def test_accounting_equals_dpsgd(tmp_path):
         assert a[key] == b[key], key
     c = train_target(_request("dplis", epsilon=3.0, smooth_samples=2), tmp_path / "c")["privacy"]
     assert 0.99 * 3.0 <= c["epsilon"] <= 3.0 and c["formal"] is True
+
+
+def test_smoothing_sigma_is_in_the_reference_codes_units():
+    # r * (lr / B) * sigma * C, with C != 1 so that a C in the wrong place shows (mutation testing)
+    from mechanisms.dplis import DplisConfig, smoothing_sigma
+
+    config = DplisConfig(noise_multiplier=1.5, clip_norm=2.0, smooth_radius=0.3)
+    plan = DpSgdPlan(0.1, 10, 1.5, 64.0)
+    assert smoothing_sigma(config, plan, lr=0.2) == pytest.approx(0.3 * (0.2 / 64.0) * 1.5 * 2.0)
+    fixed = DplisConfig(noise_multiplier=1.5, clip_norm=2.0, smooth_sigma=0.01)
+    assert smoothing_sigma(fixed, plan, lr=0.2) == 0.01

@@ -137,8 +137,10 @@ def test_acceptance_probability_follows_exp_minus_de_k_t(delta_e, accepted, rate
 
 
 def test_noisy_loss_change_clips_each_example_and_noise_has_the_stated_scale():
-    before = torch.zeros(6, dtype=torch.float64)
-    after = torch.tensor([5.0, -5.0, 0.05, -0.02, 1.0, 0.0], dtype=torch.float64)
+    # losses before the step are not zero, so after + before (a mutant mutmut found surviving
+    # when they were) differs from after - before
+    before = torch.tensor([2.0, 3.0, 0.5, 1.0, 0.25, 4.0], dtype=torch.float64)
+    after = before + torch.tensor([5.0, -5.0, 0.05, -0.02, 1.0, 0.0], dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     tiny = noisy_loss_change(before, after, clip=0.1, noise_multiplier=1e-12, expected_size=6, generator=g)
     assert tiny == pytest.approx((0.1 - 0.1 + 0.05 - 0.02 + 0.1 + 0.0) / 6, abs=1e-12)
