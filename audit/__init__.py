@@ -1,5 +1,6 @@
 """Orchestration: data, training of targets, checkpoints, the command line."""
 
+from .api import audit_model
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -17,6 +18,7 @@ __all__ = [
     "DataOptions",
     "Dataset",
     "apply_weights",
+    "audit_model",
     "dataset_names",
     "load_checkpoint",
     "load_dataset",

@@ -30,6 +30,7 @@ from .train import released, resolve_device
 __all__ = [
     "AttackRequest",
     "attack_checkpoint",
+    "attack_logits",
     "attack_target",
     "default_queries",
     "load_results",
@@ -232,18 +233,12 @@ def attack_checkpoint(
     target_logits = model_logits(
         inference.model, data.x.to(device), queries=queries, stochastic=inference.stochastic
     )
-    write_npy(target_dir / "logits.npy", target_logits)
-    existing = target_dir / "keep.npy"
-    if not existing.is_file() or not np.array_equal(np.load(existing, allow_pickle=False), keep):
-        # another checkpoint attacked onto the same target id: its membership replaces the old one
-        write_npy(existing, keep)
-
-    ref_logits = ref_keep = None
+    references = None
     if needs_refs:
         recipe = Recipe.from_target_meta(
             meta, queries=queries, seed=request.seed, stochastic=inference.stochastic
         )
-        ref_keep, ref_logits = ensure_references(
+        references = ensure_references(
             references_dir,
             recipe,
             request.references,
@@ -253,6 +248,33 @@ def attack_checkpoint(
             progress=request.progress,
             data=data,
         )
+    return attack_logits(
+        meta, target_logits, keep, data, references, target_dir=target_dir, request=request, tid=tid
+    )
+
+
+def attack_logits(
+    meta: dict[str, Any],
+    target_logits: np.ndarray,
+    keep: np.ndarray,
+    data: Dataset,
+    references: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    target_dir: Path,
+    request: AttackRequest,
+    tid: str,
+) -> dict[str, Any]:
+    """Every attack on a target's logits ``float[N, Q, C]`` (and ``references`` = (keep [M, N],
+    logits [M, N, Q, C]) when given); writes ``target_dir/{logits.npy, keep.npy, scores.npz}``
+    and returns the target's results.json entry. The one path for checkpoints and for logits
+    computed elsewhere."""
+    specs = tuple(request.attacks)
+    write_npy(target_dir / "logits.npy", target_logits)
+    existing = target_dir / "keep.npy"
+    if not existing.is_file() or not np.array_equal(np.load(existing, allow_pickle=False), keep):
+        # another checkpoint attacked onto the same target id: its membership replaces the old one
+        write_npy(existing, keep)
+    ref_keep, ref_logits = references if references is not None else (None, None)
     inputs = AttackInputs(target_logits, data.y.numpy(), ref_logits, ref_keep, seed=request.seed)
     attack_results, scores = run_attacks(
         inputs,
@@ -273,8 +295,8 @@ def attack_checkpoint(
         "privacy": {k: privacy.get(k) for k in ("epsilon", "delta", "accountant", "formal", "note")},
         "test_accuracy": meta.get("test_accuracy"),
         "train_accuracy": meta.get("train_accuracy"),
-        "references": request.references if needs_refs else 0,
-        "queries": queries,
+        "references": 0 if ref_keep is None else int(ref_keep.shape[0]),
+        "queries": int(target_logits.shape[1]),
         "attacks": attack_results,
     }
 

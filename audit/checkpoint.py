@@ -29,6 +29,7 @@ __all__ = [
     "load_checkpoint",
     "load_weights",
     "save_checkpoint",
+    "strip_wrappers",
 ]
 
 WEIGHTS, META, KEEP = "model.safetensors", "model.json", "keep.npy"
@@ -104,6 +105,31 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: expected a dict of name -> tensor (a state dict)")
         return obj
     raise CheckpointError(f"{path}: weights must be .safetensors, .pt or .pth, got {suffix or 'no suffix'!r}")
+
+
+# Prefixes that training wrappers put before every parameter name of the module they wrap.
+WRAPPER_PREFIXES = {
+    "_module.": "Opacus GradSampleModule",
+    "_orig_mod.": "torch.compile",
+    "module.": "DataParallel / DistributedDataParallel",
+}
+
+
+def strip_wrappers(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Remove the prefixes training wrappers add (Opacus ``_module.``, ``torch.compile``'s
+    ``_orig_mod.``, DataParallel's ``module.``), outermost first, when *every* name carries
+    it; returns the state and the prefixes removed (a partial prefix is left for
+    :func:`apply_weights` to name)."""
+    removed: list[str] = []
+    while state:
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                removed.append(prefix)
+                break
+        else:
+            break
+    return state, removed
 
 
 def apply_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

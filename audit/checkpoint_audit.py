@@ -27,12 +27,16 @@ import numpy as np
 from attacks import get_attack
 from mechanisms import build_model, config_from_mapping, get_mechanism
 
-from .attack import AttackRequest, attack_checkpoint, default_queries, parse_attack_spec, results_document
+from .attack import AttackRequest, attack_logits, default_queries, parse_attack_spec, results_document
 from .blackbox import blackbox_audit, canary_scores, load_input_canaries
-from .checkpoint import apply_weights, load_weights
+from .checkpoint import WRAPPER_PREFIXES, apply_weights, load_weights, strip_wrappers
 from .data import DataOptions, Dataset
+from .executors import make_executor
 from .files import write_json
-from .train import heldout_accuracy, released, resolve_device
+from .references import Recipe, ensure_references
+from .signals import model_logits
+from .signals_io import load_reference_signals, load_target_logits
+from .train import heldout_accuracy, import_callable, released, resolve_device
 
 __all__ = ["audit_checkpoint", "read_members", "read_recipe"]
 
@@ -72,26 +76,48 @@ def read_members(population: int, members: str | None, member_indices: str | Non
     return mask
 
 
-def read_recipe(path: str) -> tuple[str, dict[str, Any]]:
-    """(mechanism, full hyperparameters) from a recipe TOML; validated by the mechanism's config."""
+def read_recipe(path: str) -> tuple[str, dict[str, Any], str | None]:
+    """(mechanism, hyperparameters, trainer) from a recipe TOML.
+
+    ``[recipe] mechanism = ...`` with ``options`` (validated by the mechanism's config), or
+    ``[recipe] trainer = "package.module:function"`` with ``options`` passed to the user's
+    function as keyword arguments (mechanism ``trainer``; its code is imported and run).
+    """
     raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     unknown = sorted(set(raw) - {"recipe"})
     if unknown or "recipe" not in raw:
         raise ValueError(f"{path}: expected a [recipe] table with mechanism and options, found {sorted(raw)}")
     table = raw["recipe"]
-    bad = sorted(set(table) - {"mechanism", "options"})
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: [recipe] must be a table")
+    bad = sorted(set(table) - {"mechanism", "options", "trainer"})
     if bad:
-        raise ValueError(f"unknown key {bad[0]!r} in [recipe]; accepted: mechanism, options")
+        raise ValueError(f"unknown key {bad[0]!r} in [recipe]; accepted: mechanism, options, trainer")
+    options = table.get("options", {})
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: [recipe] options must be a table")
+    if "trainer" in table:
+        if "mechanism" in table:
+            raise ValueError(f"{path}: give [recipe] mechanism or trainer, not both")
+        trainer = table["trainer"]
+        import_callable(trainer, "trainer")  # fails now, naming it, rather than in a worker
+        return "trainer", dict(options), trainer
     mechanism = get_mechanism(table.get("mechanism", "sgd"))
-    config = config_from_mapping(mechanism.config_type, dict(table.get("options", {})))
+    config = config_from_mapping(mechanism.config_type, dict(options))
     hyper = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
-    return mechanism.name, hyper
+    return mechanism.name, hyper, None
+
+
+def _logits_accuracy(logits: np.ndarray, data: Dataset, members: np.ndarray) -> float:
+    """Accuracy of precomputed logits (first query) on the non-members."""
+    out = ~members
+    return float((logits[out, 0].argmax(-1) == data.y.numpy()[out]).mean())
 
 
 def audit_checkpoint(
-    weights: str,
+    weights: str | None,
     *,
-    model: str,
+    model: str | None,
     data: Dataset,
     data_options: DataOptions,
     members: np.ndarray,
@@ -100,21 +126,49 @@ def audit_checkpoint(
     out: str | Path,
     canaries: str | None = None,
     epsilon: float | None = None,
+    logits: str | None = None,
+    reference_logits: str | None = None,
 ) -> dict[str, Any]:
-    """Attack a checkpoint trained elsewhere; with ``canaries`` (a canary file the user planted
-    in its training), also audit it black-box; ``epsilon`` is the epsilon its training claims,
-    to compare the bounds with (not verified: the entry says formal: false)."""
+    """Attack a model trained elsewhere, from its ``weights`` (with the ``model`` architecture)
+    or from its precomputed ``logits``; references are trained with a ``recipe`` (one of
+    mia-audit's mechanisms or the user's ``trainer``) or read from ``reference_logits``. With
+    ``canaries`` (a canary file the user planted in its training) the checkpoint is also
+    audited black-box; ``epsilon`` is the epsilon its training claims, to compare the bounds
+    with (not verified: the entry says formal: false)."""
     out = Path(out)
+    if (weights is None) == (logits is None):
+        raise ValueError("give the model's WEIGHTS or its precomputed --logits FILE.npy (exactly one)")
+    if weights is not None and model is None:
+        raise ValueError("--model ID is needed with WEIGHTS (the architecture to load them into)")
+    if reference_logits is not None and recipe is not None:
+        raise ValueError(
+            "give --recipe (train references) or --reference-logits (computed elsewhere), not both"
+        )
+    if canaries is not None and weights is None:
+        raise ValueError("--canaries needs the model's WEIGHTS (the canaries are scored on the model)")
     planted = load_input_canaries(canaries, data) if canaries else None
-    state = load_weights(weights)
+    mechanism, hyper, trainer = read_recipe(recipe) if recipe else ("unknown", {}, None)
     device = resolve_device(request.device)
-    net = build_model(model, data.input_shape, data.num_classes).to(device)
-    mechanism, hyper = read_recipe(recipe) if recipe else ("unknown", {})
-    inference = released(net, mechanism, hyper, request.seed)
-    apply_weights(inference.model, state)
-    test_acc, split = heldout_accuracy(inference.model, data, members, device, inference.passes)
+    stripped: list[str] = []
+    inference = None
+    if weights is not None:
+        state, stripped = strip_wrappers(load_weights(weights))
+        net = build_model(model, data.input_shape, data.num_classes).to(device)
+        inference = released(net, mechanism, hyper, request.seed)
+        apply_weights(inference.model, state)
+        target_logits = model_logits(
+            inference.model,
+            data.x.to(device),
+            queries=request.queries or default_queries(data.input_shape),
+            stochastic=inference.stochastic,
+        )
+        test_acc, split = heldout_accuracy(inference.model, data, members, device, inference.passes)
+    else:
+        target_logits = load_target_logits(logits, data.population, data.num_classes)
+        test_acc, split = _logits_accuracy(target_logits, data, members), "population-out"
+    queries = int(target_logits.shape[1])
     meta = {
-        "model": model,
+        "model": model or "unknown",
         "mechanism": mechanism,
         "dataset": {"id": data.id, "options": data_options.to_json(), "sha256": data.sha256},
         "hyperparameters": hyper,
@@ -125,36 +179,64 @@ def audit_checkpoint(
         "test_accuracy": test_acc,
         "train_accuracy": None,
     }
+    if trainer is not None:
+        meta["trainer"] = trainer
+    can_reference = reference_logits is not None or (recipe is not None and model is not None)
     specs, not_run = [], []
     for spec in request.attacks:
         name, _ = parse_attack_spec(spec)
-        if get_attack(name).needs_references and recipe is None:
+        if get_attack(name).needs_references and not can_reference:
             not_run.append(
-                f"{spec}: not run, it needs reference models, and training them needs the "
-                "checkpoint's training recipe (--recipe RECIPE.toml)"
+                f"{spec}: not run, it needs reference models: pass their logits (--reference-logits DIR) or "
+                "the training recipe to train them (--recipe RECIPE.toml, with --model)"
             )
         else:
             specs.append(spec)
     if not specs:
-        raise ValueError("no attack can run: every requested attack needs references; pass --recipe")
+        raise ValueError(
+            "no attack can run: every requested attack needs reference models; pass --reference-logits or --recipe"
+        )
     request = dataclasses.replace(request, attacks=tuple(specs))
-    entry = attack_checkpoint(
+    needs_refs = any(get_attack(parse_attack_spec(s)[0]).needs_references for s in specs)
+    references = None
+    if needs_refs and reference_logits is not None:
+        references = load_reference_signals(reference_logits, data.population, data.num_classes)
+        if references[1].shape[2] != queries:
+            raise ValueError(
+                f"{reference_logits}: reference logits have {references[1].shape[2]} queries, the target's {queries}"
+            )
+    elif needs_refs:
+        if request.references < 2:
+            raise ValueError(
+                f"attacks {', '.join(specs)} need at least 2 reference models, got {request.references}"
+            )
+        stochastic = inference.stochastic if inference is not None else False
+        references = ensure_references(
+            out / "references" / "audit",
+            Recipe.from_target_meta(meta, queries=queries, seed=request.seed, stochastic=stochastic),
+            request.references,
+            data.population,
+            executor=make_executor(request.workers, request.executor),
+            device=str(device),
+            progress=request.progress,
+            data=data,
+        )
+    entry = attack_logits(
         meta,
-        state,
+        target_logits,
         members,
         data,
+        references,
         target_dir=out / "targets" / "audit",
-        references_dir=out / "references" / "audit",
         request=request,
         tid="audit",
     )
+    if stripped:
+        entry["checkpoint_prefixes_removed"] = [f"{p} ({WRAPPER_PREFIXES[p]})" for p in stripped]
     if planted is not None:
+        assert inference is not None
         scores = canary_scores(
-            inference.model,
-            planted,
-            device,
-            queries=request.queries or default_queries(data.input_shape),
-            stochastic=inference.stochastic,
+            inference.model, planted, device, queries=queries, stochastic=inference.stochastic
         )
         entry["canary_audits"] = [
             blackbox_audit(

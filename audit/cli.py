@@ -28,6 +28,7 @@ from .commands import (
     cmd_audit,
     cmd_canary,
     cmd_canary_set,
+    cmd_export,
     cmd_gate,
     cmd_list,
     cmd_report,
@@ -82,9 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_attack_args(attack)
     audit = sub.add_parser("audit", help="audit a checkpoint trained elsewhere")
-    audit.add_argument("checkpoint", help="weights: .safetensors, or a .pt/.pth state dict")
     audit.add_argument(
-        "--model", required=True, help="architecture: a registry name or package.module:factory"
+        "checkpoint",
+        nargs="?",
+        help="weights: .safetensors, or a .pt/.pth state dict (Opacus, torch.compile and DataParallel "
+        "prefixes are removed); or give --logits",
+    )
+    audit.add_argument("--model", help="architecture of WEIGHTS: a registry name or package.module:factory")
+    audit.add_argument(
+        "--logits",
+        help="the model's precomputed logits instead of WEIGHTS: .npy float [N, Q, C] or [N, 1, Q, C]",
+    )
+    audit.add_argument(
+        "--reference-logits",
+        help="reference models computed elsewhere: a folder in mia-audit's layout (keep.npy, logits/<i>.npy) "
+        "or the LiRA code's (experiment-<i>_<M>/keep.npy, experiment-<i>_<M>/logits/*.npy)",
     )
     add_data_args(audit)
     audit.add_argument("--members", help="bool [N] .npy mask of the population's training members")
@@ -117,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     cset.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     cset.add_argument("--out", required=True, help="output .npz file")
     cset.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    export = sub.add_parser(
+        "export",
+        help="write a target's signals and its references in the LiRA reference code's layout",
+        description="Write the references of TARGET in RUN_DIR (a folder written by run, attack or audit) as "
+        "LIRA_DIR/experiment-<i>_<M>/{keep.npy, logits/0000000000.npy} and the target as "
+        "LIRA_DIR/target/{keep.npy, logits/0000000000.npy}, logits shaped [N, 1, Q, C].",
+    )
+    export.add_argument("run_dir", help="a folder written by run, attack or audit")
+    export.add_argument("--target", help="target id (default: the only target)")
+    export.add_argument("--lira", required=True, help="output folder in the LiRA layout")
+    export.add_argument("--overwrite", action="store_true", help="write into a folder that holds files")
     report = sub.add_parser("report", help="re-render report.html and summary.md of a run directory")
     report.add_argument("run_dir")
     gate = sub.add_parser(
@@ -147,6 +171,8 @@ def _output_folder(args: argparse.Namespace) -> Path | None:
         return Path(args.out or f"runs/{name}")
     if args.command in ("train", "attack", "audit", "canary"):
         return Path(args.out)
+    if args.command == "export":
+        return Path(args.lira)
     return None
 
 
@@ -155,6 +181,7 @@ _COMMANDS = {
     "train": cmd_train,
     "canary": cmd_canary,
     "canary-set": cmd_canary_set,
+    "export": cmd_export,
     "attack": cmd_attack,
     "audit": cmd_audit,
     "report": cmd_report,

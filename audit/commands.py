@@ -232,6 +232,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     results = audit_checkpoint(
         args.checkpoint,
+        logits=args.logits,
+        reference_logits=args.reference_logits,
         model=args.model,
         data=data,
         data_options=data_options(args),
@@ -244,8 +246,44 @@ def cmd_audit(args: argparse.Namespace) -> int:
     )
     print_results(results, out)
     for target in results["targets"]:
+        for prefix in target.get("checkpoint_prefixes_removed", []):
+            print(f"removed the prefix {prefix} from every tensor name of {args.checkpoint}")
         print_canary_audits(target)
     print(f"wrote {render_report(out, data=data)}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .files import holds_files, inside, write_npy
+    from .references import load_reference_logits
+    from .signals_io import export_lira
+
+    run = Path(args.run_dir)
+    targets = (
+        sorted(p.name for p in (run / "targets").iterdir() if p.is_dir())
+        if (run / "targets").is_dir()
+        else []
+    )
+    if not targets:
+        raise UsageError(f"{run} holds no targets (expected a folder written by run, attack or audit)")
+    tid = args.target or (targets[0] if len(targets) == 1 else None)
+    if tid is None or tid not in targets:
+        raise UsageError(f"choose a target with --target: {', '.join(targets)}")
+    out = Path(args.lira)
+    if holds_files(out) and not args.overwrite:
+        raise UsageError(f"{out} already holds files; pass --overwrite")
+    tdir, rdir = inside(run, "targets", tid), inside(run, "references", tid)
+    if not (rdir / "keep.npy").is_file():
+        raise UsageError(f"{rdir}: no references to export (attacks that need references were not run)")
+    keep = np.load(rdir / "keep.npy", allow_pickle=False)
+    experiments = export_lira(out, keep, load_reference_logits(rdir, len(keep)))
+    write_npy(out / "target" / "keep.npy", np.load(tdir / "keep.npy", allow_pickle=False))
+    write_npy(
+        out / "target" / "logits" / f"{0:010d}.npy", np.load(tdir / "logits.npy", allow_pickle=False)[:, None]
+    )
+    print(f"wrote {len(experiments)} references and the target {tid} to {out} (LiRA layout)")
     return EXIT_OK
 
 

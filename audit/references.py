@@ -43,6 +43,7 @@ class Recipe:
     queries: int
     stochastic: bool
     seed: int
+    trainer: str | None = None  # the user's training function (package.module:function)
 
     @classmethod
     def from_target_meta(
@@ -64,10 +65,14 @@ class Recipe:
             queries=queries,
             stochastic=stochastic,
             seed=seed,
+            trainer=meta.get("trainer"),
         )
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        if out["trainer"] is None:  # recipes of mia-audit's own mechanisms: as before
+            del out["trainer"]
+        return out
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -110,6 +115,21 @@ def train_reference(job: dict[str, Any]) -> dict[str, Any]:
     )
     device = torch.device(job["device"])
     members = np.asarray(job["keep"], dtype=bool)
+    if recipe.get("trainer"):
+        from .train import fit_with_trainer
+
+        model = fit_with_trainer(
+            data,
+            model_name=recipe["model"],
+            trainer=recipe["trainer"],
+            options=recipe["hyperparameters"],
+            members=members,
+            init_seed=job["init_seed"],
+            train_seed=job["train_seed"],
+            device=device,
+        )
+        logits = model_logits(model, data.x.to(device), queries=recipe["queries"], stochastic=False)
+        return {"index": job["index"], "logits": logits.astype(np.float32)}
     fitted = fit(
         data,
         model_name=recipe["model"],

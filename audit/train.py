@@ -28,8 +28,10 @@ __all__ = [
     "check_output_dir",
     "compute_target",
     "fit",
+    "fit_with_trainer",
     "half_mask",
     "heldout_accuracy",
+    "import_callable",
     "released",
     "resolve_device",
     "seeds",
@@ -144,6 +146,54 @@ def fit(
     seconds = time.perf_counter() - start
     model.load_state_dict(result.state_dict)
     return Fitted(model, result, seconds, config, canaries.result() if canaries is not None else None)
+
+
+def import_callable(spec: str, what: str) -> Any:
+    """The callable named ``package.module:function``; imported only because the user named it."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not module_name or not attr:
+        raise ValueError(f"a {what} is given as 'package.module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import module {module_name!r} for {what} {spec!r}: {err}") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"module {module_name!r} has no callable {attr!r} ({what} {spec!r})")
+    return fn
+
+
+def fit_with_trainer(
+    data: Dataset,
+    *,
+    model_name: str,
+    trainer: Any,
+    options: dict[str, Any],
+    members: np.ndarray,
+    init_seed: int,
+    train_seed: int,
+    device: torch.device,
+) -> torch.nn.Module:
+    """Train ``model_name`` on ``data[members]`` with the user's own training function.
+
+    ``trainer`` (a callable, or ``package.module:function``) is called as
+    ``trainer(model, x, y, *, seed, **options)`` with a freshly initialised model (seeded by
+    ``init_seed``), the members' inputs and labels on ``device`` and ``seed = train_seed``; it
+    trains the model in place (or returns the trained model).
+    """
+    fn = import_callable(trainer, "trainer") if isinstance(trainer, str) else trainer
+    model = build_model(model_name, data.input_shape, data.num_classes, seed=init_seed).to(device)
+    mask = torch.from_numpy(np.asarray(members, dtype=bool))
+    x, y = data.x[mask].to(device), data.y[mask].to(device)
+    model.train()
+    result = fn(model, x, y, seed=train_seed, **options)
+    if result is not None:
+        if not isinstance(result, torch.nn.Module):
+            raise ValueError(f"trainer {trainer!r} returned {type(result).__name__}, not a model (or None)")
+        model = result
+    return model.eval()
 
 
 def heldout_accuracy(

@@ -109,3 +109,14 @@ def test_every_relative_link_resolves(page):
             continue
         path = (page.parent / target.split("#")[0]).resolve()
         assert path.exists(), f"{page.name}: link {target!r} does not resolve"
+
+
+def test_the_readmes_python_example_runs(capsys):
+    """The notebook example in README.md runs as printed (the Python API)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README.md has no Python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    auc = float(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= auc <= 1.0
