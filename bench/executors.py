@@ -30,12 +30,8 @@ from audit.references import ensure_references
 def _time(executor, data, models: int) -> tuple[float, np.ndarray]:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        _, logits = ensure_references(
-            tmp,
-            sgd_recipe(
-                data, epochs=15, batch_size=64, lr=0.05
-            ),  # the quick preset's sgd target, models, data.population, executor=executor, data=data
-        )
+        recipe = sgd_recipe(data, epochs=15, batch_size=64, lr=0.05)  # the quick preset's sgd target
+        _, logits = ensure_references(tmp, recipe, models, data.population, executor=executor, data=data)
         return time.perf_counter() - start, logits
 
 
