@@ -1,27 +1,37 @@
-"""Orchestration: data, training of targets, checkpoints, the command line."""
+"""Orchestration: data, training of targets, checkpoints, the command line, the Python API.
 
-from .api import audit_model
-from .checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    apply_weights,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-)
-from .data import DataError, DataOptions, Dataset, dataset_names, load_dataset
+Names are imported on first use (PEP 562), so that the command line answers ``--help`` and
+argument errors without importing torch.
+"""
 
-__all__ = [
-    "Checkpoint",
-    "CheckpointError",
-    "DataError",
-    "DataOptions",
-    "Dataset",
-    "apply_weights",
-    "audit_model",
-    "dataset_names",
-    "load_checkpoint",
-    "load_dataset",
-    "load_weights",
-    "save_checkpoint",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "audit_model": "api",
+    "Checkpoint": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "apply_weights": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "load_weights": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "DataError": "dataset",
+    "DataOptions": "dataset",
+    "Dataset": "dataset",
+    "dataset_names": "data",
+    "load_dataset": "data",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'audit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -10,39 +10,28 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mechanisms import NonFiniteLossError
-
-from .checkpoint import CheckpointError
 from .cli_args import (
     EXIT_INTERNAL,
     EXIT_USAGE,
-    UsageError,
     add_attack_args,
     add_canary_args,
     add_data_args,
     add_executor_args,
     add_train_args,
 )
-from .commands import (
-    cmd_attack,
-    cmd_audit,
-    cmd_canary,
-    cmd_canary_set,
-    cmd_export,
-    cmd_gate,
-    cmd_list,
-    cmd_report,
-    cmd_run,
-    cmd_train,
-)
-from .data import DataError
 from .executors import JobError
-from .gate import GateError
 
 __all__ = ["build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, just that command's options are added (the others
+    keep their names and help), so that ``--help``, listings and argument errors of one
+    command answer without importing torch and the mechanisms."""
+
+    def want(name: str) -> bool:
+        return only is None or only == name
+
     parser = argparse.ArgumentParser(
         prog="mia-audit",
         description="Membership-inference auditing for PyTorch: train privately, attack, measure leakage.",
@@ -63,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the configuration (options, models, attacks, data) and list its targets; train nothing",
     )
     train = sub.add_parser("train", help="train one target model on a random half of a dataset")
-    add_train_args(train)
+    if want("train"):
+        add_train_args(train)
     canary = sub.add_parser(
         "canary",
         help="audit a mechanism's privatisation white-box: train with gradient canaries, bound epsilon",
@@ -72,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bounds (one-run, f-DP one-run, Clopper-Pearson, and a Gaussian-DP estimate), to compare "
         "with the mechanism's accountant.",
     )
-    add_train_args(canary, canary=True)
-    add_canary_args(canary)
+    if want("canary"):
+        add_train_args(canary, canary=True)
+        add_canary_args(canary)
     attack = sub.add_parser("attack", help="attack a trained target with membership inference")
     attack.add_argument("--target", required=True, help="checkpoint directory written by 'mia-audit train'")
     attack.add_argument(
@@ -176,47 +167,50 @@ def _output_folder(args: argparse.Namespace) -> Path | None:
     return None
 
 
-_COMMANDS = {
-    "run": cmd_run,
-    "train": cmd_train,
-    "canary": cmd_canary,
-    "canary-set": cmd_canary_set,
-    "export": cmd_export,
-    "attack": cmd_attack,
-    "audit": cmd_audit,
-    "report": cmd_report,
-    "gate": cmd_gate,
-}
+_COMMANDS = ("run", "train", "canary", "canary-set", "export", "attack", "audit", "report", "gate")
+_LISTINGS = ("datasets", "models", "mechanisms", "attacks")
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command named in ``argv`` (after the global options), or None."""
+    for arg in argv:
+        if arg in _COMMANDS or arg in _LISTINGS:
+            return arg
+        if not arg.startswith("-"):
+            return None
+    return None
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (exit 2). A mechanism's non-finite loss counts only if the
+    mechanisms were imported (checking does not import them)."""
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError, JobError)
+    mechanisms = sys.modules.get("mechanisms")
+    if mechanisms is not None:
+        errors += (mechanisms.NonFiniteLossError,)
+    return errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=_command_in(argv) or "")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        from . import commands
+
         if args.command in _COMMANDS:
+            run = getattr(commands, "cmd_" + args.command.replace("-", "_"))
             folder = _output_folder(args)
             if folder is None:
-                return _COMMANDS[args.command](args)
+                return run(args)
             from .files import OutputLock
 
             with OutputLock(folder):
-                return _COMMANDS[args.command](args)
-        return cmd_list(args.command)
-    except (
-        UsageError,
-        DataError,
-        CheckpointError,
-        NonFiniteLossError,
-        JobError,
-        GateError,
-        ValueError,
-        OSError,
-    ) as err:
-        print(f"mia-audit: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+                return run(args)
+        return commands.cmd_list(args.command)
     except MemoryError as err:  # the input or options ask for more than this machine has
         print(
             f"mia-audit: error: out of memory ({err}); ask for less, or use a larger machine", file=sys.stderr
@@ -225,7 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mia-audit: interrupted; finished files are kept, nothing half-written", file=sys.stderr)
         return 130
-    except Exception as err:  # anything else is a bug of ours: never exit 1 (a gate failure)
+    except Exception as err:
+        if isinstance(err, _input_errors()):  # UsageError, DataError, CheckpointError, GateError, ...
+            print(f"mia-audit: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        # anything else is a bug of ours: never exit 1 (a gate failure)
         if args.debug:
             import traceback
 

@@ -11,10 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import attacks
-from mechanisms import TrainConfig, get_mechanism, mechanism_names
-
-from .data import DataOptions
+from .dataset import DataOptions
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -36,6 +33,8 @@ def flag(name: str) -> str:
 
 def mechanism_fields() -> dict[str, tuple[type, set[str]]]:
     """Option fields that mechanisms add to TrainConfig: name -> (type, mechanisms using it)."""
+    from mechanisms import TrainConfig, get_mechanism, mechanism_names
+
     base = {f.name for f in dataclasses.fields(TrainConfig)}
     out: dict[str, tuple[type, set[str]]] = {}
     for name in mechanism_names():
@@ -83,6 +82,8 @@ def data_options(args: argparse.Namespace) -> DataOptions:
 
 
 def add_train_args(p: argparse.ArgumentParser, *, canary: bool = False) -> None:
+    from mechanisms import TrainConfig
+
     add_data_args(p, "mnist5k" if canary else None)
     g = p.add_argument_group("model and training")
     model_help = "model name (see 'mia-audit models') or package.module:factory"
@@ -167,6 +168,8 @@ def add_attack_args(p: argparse.ArgumentParser, *, references: int = 16) -> None
 
 
 def train_options(args: argparse.Namespace) -> dict[str, Any]:
+    from mechanisms import TrainConfig, get_mechanism
+
     mechanism = get_mechanism(args.mechanism)
     accepted = {f.name for f in dataclasses.fields(mechanism.config_type)}
     values: dict[str, Any] = {}
@@ -183,6 +186,8 @@ def train_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def attack_request(args: argparse.Namespace, target: str = ""):
+    import attacks
+
     from .attack import AttackRequest, parse_attack_spec
 
     if args.attacks:

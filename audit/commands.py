@@ -7,9 +7,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import attacks
-from mechanisms import get_mechanism, mechanism_names, model_names
-
 from .cli_args import (
     EXIT_GATE_FAILED,
     EXIT_OK,
@@ -20,8 +17,6 @@ from .cli_args import (
     executor_settings,
     train_request,
 )
-from .data import dataset_names
-from .gate import GateError
 
 
 def print_results(results: dict, out: Path) -> None:
@@ -47,6 +42,8 @@ def print_results(results: dict, out: Path) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mechanisms import get_mechanism
+
     from .train import train_target
 
     get_mechanism(args.mechanism)  # fail fast on an unknown name
@@ -64,8 +61,14 @@ def print_trained(meta: dict[str, Any], out: Path) -> None:
     print(
         f"trained {meta['model']} with {meta['mechanism']} on {meta['dataset']['id']}: "
         f"train accuracy {meta['train_accuracy']:.4f}, held-out accuracy {meta['test_accuracy']:.4f} "
-        f"({meta['test_split']}), {eps}, {meta['train_seconds']:.1f}s -> {out}"
+        f"({meta['test_split']}), {eps} -> {out}"
     )
+    t = meta.get("seconds", {})
+    if t:
+        print(
+            f"  time: training {t['training']:.1f}s, accounting {t['accounting']:.1f}s, "
+            f"evaluation {t['evaluation']:.1f}s, total {t['total']:.1f}s"
+        )
 
 
 def print_canary_audits(target: dict[str, Any]) -> None:
@@ -123,6 +126,8 @@ def print_canary_audits(target: dict[str, Any]) -> None:
 
 
 def cmd_canary(args: argparse.Namespace) -> int:
+    from mechanisms import get_mechanism
+
     from .attack import results_document, target_id
     from .canary import audits_for_checkpoint
     from .data import load_dataset
@@ -323,7 +328,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     import shutil
 
     from .files import write_text
-    from .gate import accountant_checks, compare, junit_xml, load_gate_limits
+    from .gate import GateError, accountant_checks, compare, junit_xml, load_gate_limits
     from .schema import validate_results
 
     def read(path: str, what: str) -> dict:
@@ -363,13 +368,21 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 def cmd_list(kind: str) -> int:
     if kind == "datasets":
+        from .data import dataset_names
+
         print("\n".join(dataset_names()))
     elif kind == "models":
+        from mechanisms import model_names
+
         print("\n".join([*model_names(), "package.module:factory"]))
     elif kind == "mechanisms":
+        from mechanisms import get_mechanism, mechanism_names
+
         for name in mechanism_names():
             print(f"{name:12s} {get_mechanism(name).description}")
     else:
+        import attacks
+
         for name in attacks.attack_names():
             print(f"{name:16s} {attacks.get_attack(name).description}")
     return EXIT_OK

@@ -14,10 +14,9 @@ more) and nothing is unpickled except through the allow-listed CIFAR reader.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 __all__ = [
     "DATASETS",
@@ -29,6 +28,9 @@ __all__ = [
     "load_verified",
 ]
 
+
+if TYPE_CHECKING:
+    import torch
 
 from .data_sources import (
     load_csv,

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .dataset import DataError, DataOptions, Dataset, make_dataset
 
@@ -243,6 +242,8 @@ def load_folder(path: str, opts: DataOptions) -> Dataset:
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) != 1:
         raise DataError(f"{path}: images differ in size or channels {sorted(shapes)[:3]}; resize them first")
+    import torch
+
     x = torch.stack(images).numpy() / 255.0
     return make_dataset(f"folder:{path}", x, np.array(ds.targets), kind="image", num_classes=len(ds.classes))
 

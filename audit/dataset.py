@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DataError", "DataOptions", "Dataset", "make_dataset"]
 
@@ -90,6 +92,8 @@ def make_dataset(
     num_classes: int | None = None,
 ) -> Dataset:
     """Validate arrays and wrap them as a :class:`Dataset` (float32 inputs, int64 labels)."""
+    import torch
+
     x = np.asarray(x, dtype=np.float32)
     y = _labels(y, id)
     if len(x) == 0:

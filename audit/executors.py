@@ -178,7 +178,10 @@ class LocalExecutor:
         if not jobs:
             return
         ctx = mp.get_context("forkserver")
-        _start_forkserver(["torch", "mechanisms", "attacks", "audit.references", "audit.train"])
+        # torch._dynamo: what the first optimizer of a process imports (1.6 s), once, not per job
+        _start_forkserver(
+            ["torch", "torch._dynamo", "mechanisms", "attacks", "audit.references", "audit.train"]
+        )
         with cf.ProcessPoolExecutor(
             max_workers=min(self.workers, len(jobs)),
             mp_context=ctx,

@@ -14,6 +14,7 @@ import torch
 
 import mechanisms
 from mechanisms import build_model, config_from_mapping, get_mechanism
+from mechanisms.accounting import accounting_seconds
 from mechanisms.training import accuracy
 
 from .canary import CanarySettings, make_canaries, save_record
@@ -92,13 +93,24 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
 
 @dataclass(frozen=True)
 class Fitted:
-    """A trained model with its mechanism's result and the wall time of ``mechanism.train``."""
+    """A trained model with its mechanism's result; ``seconds`` is the wall time of
+    ``mechanism.train`` less ``accounting_seconds`` (calibration and epsilons) spent in it."""
 
     model: torch.nn.Module
     result: Any  # mechanisms.TrainResult
     seconds: float
     config: Any  # the mechanism's TrainConfig built from the options
     canaries: Any = None  # mechanisms.canaries.CanaryRecord when canaries rode along
+    accounting_seconds: float = 0.0
+
+
+def warm_up() -> None:
+    """Import what the first optimizer of a process imports (``torch._dynamo``, about 1.6 s
+    here), so that it is not counted as training time (worker processes preload it)."""
+    try:
+        import torch._dynamo  # noqa: F401
+    except ImportError:  # pragma: no cover - a torch without dynamo
+        pass
 
 
 def fit(
@@ -141,11 +153,15 @@ def fit(
             "gradient mechanism); audit it black-box instead"
         )
     extra = {"canaries": canaries} if canaries is not None else {}
+    warm_up()
+    accounted = accounting_seconds()
     start = time.perf_counter()
     result = mechanism.train(model, x, y, config=config, generator=generator, **extra)
     seconds = time.perf_counter() - start
+    accounting = accounting_seconds() - accounted
     model.load_state_dict(result.state_dict)
-    return Fitted(model, result, seconds, config, canaries.result() if canaries is not None else None)
+    record = canaries.result() if canaries is not None else None
+    return Fitted(model, result, seconds - accounting, config, record, accounting)
 
 
 def import_callable(spec: str, what: str) -> Any:
@@ -284,6 +300,7 @@ def target_job(job: dict[str, Any]) -> TrainedTarget:
 
 def compute_target(request: TrainRequest, data: Dataset | None = None) -> TrainedTarget:
     """Train the target of ``request`` (on ``data`` when given, else loaded) without writing."""
+    started = time.perf_counter()
     mechanism = get_mechanism(request.mechanism)
     if data is None:
         data = load_dataset(request.dataset, request.data_options)
@@ -308,8 +325,10 @@ def compute_target(request: TrainRequest, data: Dataset | None = None) -> Traine
     model, result, config = fitted.model, fitted.result, fitted.config
     members = torch.from_numpy(keep)
     passes = mechanism.eval_passes(config)
+    evaluation = time.perf_counter()
     train_acc = accuracy(model, data.x[members].to(device), data.y[members].to(device), passes=passes)
     test_acc, split = heldout_accuracy(model, data, keep, device, passes)
+    evaluation = time.perf_counter() - evaluation
     hyper = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
     meta: dict[str, Any] = {
         "schema": MODEL_SCHEMA,
@@ -329,6 +348,12 @@ def compute_target(request: TrainRequest, data: Dataset | None = None) -> Traine
         "test_accuracy": test_acc,
         "test_split": split,
         "train_seconds": round(fitted.seconds, 3),
+        "seconds": {
+            "training": round(fitted.seconds, 3),
+            "accounting": round(fitted.accounting_seconds, 3),
+            "evaluation": round(evaluation, 3),
+            "total": round(time.perf_counter() - started, 3),
+        },
         "seed": request.seed,
         "members": int(keep.sum()),
         "history": result.history,

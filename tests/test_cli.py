@@ -164,3 +164,25 @@ def test_canary_bad_input_exits_2(tmp_path, capsys, extra, message):
     )
     assert message in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_help_listings_and_argument_errors_answer_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from audit.cli import main\n"
+        "for argv in (['datasets'], ['--help'], ['train', '--bogus'], ['nonsense']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules, 'mechanisms' in sys.modules)\n"
+    )
+    # train --bogus builds the train options (they come from the mechanisms): allowed to import
+    out = subprocess.run(
+        [sys.executable, "-c", code.replace(", ['train', '--bogus']", "")], capture_output=True, text=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False False", out.stdout + out.stderr
+    assert "mnist5k" in out.stdout

@@ -213,3 +213,58 @@ def test_instance_norm_with_running_statistics_is_refused():
     with pytest.raises(ValueError, match="running statistics"):
         refuse_batchnorm(nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, track_running_stats=True)))
     refuse_batchnorm(nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2)))  # no running stats: fine
+
+
+def test_epsilon_memo_keys_on_every_parameter_of_the_event():
+    """The memoised epsilon is recomputed for any change of the event (sigma in its last bits,
+    the rate, the steps), delta or accountant, and equals dp-accounting's own answer."""
+    import dp_accounting
+
+    from mechanisms.accounting import _EPSILONS, dpsgd_event, epsilon
+
+    def direct(event, delta):
+        acc = dp_accounting.pld.PLDAccountant()
+        acc.compose(event)
+        return acc.get_epsilon(delta)
+
+    base = dict(noise_multiplier=1.1, sample_rate=0.05, steps=50)
+    variants = [
+        base,
+        {**base, "noise_multiplier": 1.1 + 1e-12},
+        {**base, "sample_rate": 0.0500001},
+        {**base, "steps": 51},
+    ]
+    values = []
+    for v in variants:
+        event = dpsgd_event(**v)
+        values.append(epsilon(event, delta=1e-5))
+        assert values[-1] == direct(event, 1e-5)
+        assert (repr(event), 1e-5, "pld") in _EPSILONS
+    assert (
+        values[2] > values[0]
+        and values[3] > values[0]
+        and len({repr(dpsgd_event(**v)) for v in variants}) == 4
+    )
+    event = dpsgd_event(**base)
+    assert epsilon(event, delta=1e-6) > values[0]
+    assert epsilon(event, delta=1e-5, accountant="rdp") > values[0]
+
+
+def test_calibration_matches_the_exact_search_and_model_json_times_its_parts(tmp_path):
+    """The coarse-then-confirmed calibration lands on the exact search's sigma (relative
+    difference <= 1e-3, never above the target), and model.json splits its time."""
+    from mechanisms import accounting
+
+    def make(s):
+        return accounting.dpsgd_event(noise_multiplier=s, sample_rate=0.1, steps=30)
+
+    for eps in (1.0, 4.0):
+        exact = accounting._calibrate(eps, 1e-5, make, "pld")
+        fast = accounting.calibrate_noise_multiplier(target_epsilon=eps, delta=1e-5, make_event=make)
+        assert abs(fast - exact) / exact <= 1e-3
+        assert accounting.epsilon(make(fast), delta=1e-5) <= eps
+    meta = train_target(_request(epsilon=3.0), tmp_path)
+    t = meta["seconds"]
+    assert t["accounting"] > 0 and t["training"] > 0 and t["evaluation"] > 0
+    assert t["training"] + t["accounting"] + t["evaluation"] <= t["total"] + 1e-3
+    assert meta["train_seconds"] == t["training"]

@@ -164,24 +164,24 @@ def test_huge_synthetic_data_is_an_input_error(tmp_path, capsys):
 
 
 def test_running_out_of_memory_is_exit_2_with_a_message(monkeypatch, capsys):
-    import audit.cli as cli
+    import audit.commands as commands
 
     def hungry(kind):
         raise MemoryError("Unable to allocate 39.2 GiB")
 
-    monkeypatch.setattr(cli, "cmd_list", hungry)
+    monkeypatch.setattr(commands, "cmd_list", hungry)
     assert main(["models"]) == 2
     err = capsys.readouterr().err
     assert "out of memory" in err and "Traceback" not in err
 
 
 def test_an_internal_error_is_exit_3_with_one_line(monkeypatch, capsys):
-    import audit.cli as cli
+    import audit.commands as commands
 
     def boom(kind):
         raise KeyError("oops")
 
-    monkeypatch.setattr(cli, "cmd_list", boom)
+    monkeypatch.setattr(commands, "cmd_list", boom)
     assert main(["models"]) == 3
     err = capsys.readouterr().err
     assert "internal error: KeyError" in err and "Traceback" not in err
