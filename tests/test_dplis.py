@@ -147,3 +147,56 @@ def test_smoothing_sigma_is_in_the_reference_codes_units():
     assert smoothing_sigma(config, plan, lr=0.2) == pytest.approx(0.3 * (0.2 / 64.0) * 1.5 * 2.0)
     fixed = DplisConfig(noise_multiplier=1.5, clip_norm=2.0, smooth_sigma=0.01)
     assert smoothing_sigma(fixed, plan, lr=0.2) == 0.01
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_the_training_gradient_passes_every_option_through(reduce):
+    """dplis_gradient (what training calls) equals smoothed_noisy_gradient called with the
+    configuration's options, for both reductions over the K samples (mutation testing found
+    the reduction unchecked in the training path)."""
+    from mechanisms.dplis import dplis_gradient
+
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 10), torch.randint(0, 3, (24,))
+    config = DplisConfig(
+        noise_multiplier=0.7,
+        clip_norm=50.0,
+        smooth_samples=3,
+        smooth_sigma=0.05,
+        smooth_reduce=reduce,
+        physical_batch_size=7,
+    )
+    plan = DpSgdPlan(0.5, 10, 0.7, 12.0)
+    model = build_model("mlp", (10,), 3, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    got, loss = dplis_gradient(config, plan, optimizer, torch.Generator().manual_seed(4))(model, x, y)
+    want, want_loss = smoothed_noisy_gradient(
+        model,
+        x,
+        y,
+        clip_norm=50.0,
+        noise_multiplier=0.7,
+        expected_batch_size=12.0,
+        smooth_sigma=0.05,
+        smooth_samples=3,
+        generator=torch.Generator().manual_seed(4),
+        reduce=reduce,
+        physical_batch_size=7,
+    )
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+    assert loss == pytest.approx(want_loss)
+    other, _ = smoothed_noisy_gradient(
+        model,
+        x,
+        y,
+        clip_norm=50.0,
+        noise_multiplier=0.7,
+        expected_batch_size=12.0,
+        smooth_sigma=0.05,
+        smooth_samples=3,
+        generator=torch.Generator().manual_seed(4),
+        reduce="sum" if reduce == "mean" else "mean",
+    )
+    # with a clip norm that does not bind, the reduction matters (sum = K x mean before noise)
+    assert any(not torch.allclose(got[k], other[k]) for k in want)
