@@ -63,12 +63,16 @@ class Snapshot:
         self.extra_values = [t.detach().clone() for t in self.extra]
         self.state = {p: {k: self._copy(v) for k, v in s.items()} for p, s in self.optimizer.state.items()}
 
-    def restore(self) -> None:
+    def restore(self, optimizer: bool = True) -> None:
+        """Back to the snapshot: the weights (and canary block) always, the optimizer's state
+        (momentum) when ``optimizer``."""
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
                 v.copy_(self.weights[k])
             for t, value in zip(self.extra, self.extra_values, strict=True):
                 t.copy_(value)
+        if not optimizer:
+            return
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if p in self.state:

@@ -9,9 +9,13 @@ code's ``--errcrt``) compares the noisy mean with a fresh pure-noise sample by t
 Kolmogorov-Smirnov statistic D: skip the step if ``lambda * D < tau``, else scale the update by
 ``min(lambda * D, 5)``. It reads only privatised quantities and fresh noise (post-processing).
 
-The codebook is data-independent: ``codebook_size`` rows of sorted |N(0, 1)| draws (the code's
-commented-out recipe used normal draws too), each scaled to L2 norm ``quant_clip``, generated
-from ``codebook_seed``. The released codebook is a download that is not available.
+The codebook is data-independent, generated from ``codebook_seed``: by default as the code's
+commented-out recipe does (``codebook = "release"``: each of ``codebook_size`` rows holds the
+largest ``top_k`` of the sorted absolute values of ``codebook_draws`` = 200,000 N(0, 1) draws,
+L2-normalised to ``quant_clip``: a flat profile in which every kept coordinate carries signal),
+or (``codebook = "k-draws"``) from exactly ``top_k`` sorted |N(0, 1)| draws per row, whose
+lowest ranks are near 0 (this project's first recipe, kept for comparison). The released
+codebook is a download that is not available.
 
 Every encoded vector e satisfies ``|e_(i)| <= Q[r, i]`` for its codeword, so
 ``||e||_2 <= quant_clip`` and ``||e||_1 <= max_r ||Q_r||_1``. Accounting (all Poisson sampling,
@@ -58,6 +62,7 @@ __all__ = [
     "train_encoding",
 ]
 
+CODEBOOKS = ("release", "k-draws")
 LAWS = ("gaussian", "laplace", "studentt")
 
 
@@ -79,6 +84,8 @@ class EncodingConfig(DpSgdConfig):
     quant_clip: float = 1.0
     codebook_size: int = 64
     codebook_seed: int = 0
+    codebook: str = "release"
+    codebook_draws: int = 200_000
     noise: str = "studentt"
     noise_df: float = 9.0
     denoise: bool = True
@@ -95,6 +102,10 @@ class EncodingConfig(DpSgdConfig):
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.codebook_size < 1:
             raise ValueError(f"codebook_size must be >= 1, got {self.codebook_size}")
+        if self.codebook not in CODEBOOKS:
+            raise ValueError(f"codebook must be one of {', '.join(CODEBOOKS)}, got {self.codebook!r}")
+        if self.codebook == "release" and self.codebook_draws < self.top_k:
+            raise ValueError(f"codebook_draws ({self.codebook_draws}) must be >= top_k ({self.top_k})")
         if self.noise not in LAWS:
             raise ValueError(f"noise must be one of {', '.join(LAWS)}, got {self.noise!r}")
         if not (self.noise_df > 2):
@@ -103,14 +114,26 @@ class EncodingConfig(DpSgdConfig):
             raise ValueError(f"distance_threshold must be >= 0, got {self.distance_threshold}")
 
 
-def make_codebook(k: int, rows: int, norm: float, seed: int) -> torch.Tensor:
+def make_codebook(k: int, rows: int, norm: float, seed: int, draws: int | None = None) -> torch.Tensor:
     """``rows`` x ``k`` descending magnitude profiles of |N(0, 1)| draws, each of L2 norm ``norm``.
 
-    Depends only on its arguments (a private generator seeded by ``seed``), never on data.
+    With ``draws`` (the release's recipe, 200,000): each row keeps the ``k`` largest of
+    ``draws`` absolute draws; without, each row is ``k`` sorted absolute draws. Depends only on
+    its arguments (a private generator seeded by ``seed``), never on data.
     """
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(rows, k, generator=g, dtype=torch.float64).abs()
-    z = z.sort(dim=1, descending=True).values
+    if draws is None:
+        z = torch.randn(rows, k, generator=g, dtype=torch.float64).abs()
+        z = z.sort(dim=1, descending=True).values
+    else:
+        if draws < k:
+            raise ValueError(f"draws ({draws}) must be >= k ({k})")
+        z = torch.stack(
+            [
+                torch.randn(draws, generator=g, dtype=torch.float64).abs().topk(k, sorted=True).values
+                for _ in range(rows)
+            ]
+        )
     return (z * (norm / z.norm(dim=1, keepdim=True))).to(torch.float32)
 
 
@@ -173,7 +196,10 @@ class Encoder:
         self.config = config
         self.dim = dim
         self.k = min(config.top_k, dim)
-        self.codebook = make_codebook(self.k, config.codebook_size, config.quant_clip, config.codebook_seed)
+        draws = config.codebook_draws if config.codebook == "release" else None
+        self.codebook = make_codebook(
+            self.k, config.codebook_size, config.quant_clip, config.codebook_seed, draws
+        )
         self.l1_bound = float(self.codebook.double().sum(dim=1).max())
         self.envelope = self.codebook.double().max(dim=0).values.numpy()
         self.skipped = 0

@@ -3,8 +3,8 @@
 MECHANISMS.md section 4, from the authors' deleted code (v2, ``SGD_and_DP/SA_DPSGD.py``). Each
 DP-SGD step yields a *candidate*; its loss change dE against the last accepted model decides:
 accept when dE <= 0, otherwise accept with probability ``exp(-dE * k * t)`` (t = accepted steps
-so far, k the annealing rate); a rejection restores the parameters **and the optimizer state**
-of the last accepted model; after ``max_rejections`` consecutive rejections the next candidate
+so far, k the annealing rate); a rejection restores the parameters of the last accepted model
+(and, in the sound variant by default, the optimizer state: ``restore_optimizer``); after ``max_rejections`` consecutive rejections the next candidate
 is accepted by force.
 
 Two variants:
@@ -88,6 +88,10 @@ class ScreeningConfig(DpSgdConfig):
     validation_size: int = 256
     validation_clip: float = 0.1
     validation_noise_multiplier: float = 8.0
+    # a rejection restores the optimizer's state (momentum) too; None: as each variant's
+    # default (sound: yes, a rejected candidate leaves no trace in any state; published: no,
+    # the published code restores the weights only)
+    restore_optimizer: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -170,6 +174,7 @@ def train_screening(
     """
     refuse_batchnorm(model)
     published = config.variant == "published"
+    restore_optimizer = not published if config.restore_optimizer is None else config.restore_optimizer
     if published:
         if config.validation_size >= len(y):
             raise ValueError(
@@ -255,7 +260,7 @@ def train_screening(
                 if published:
                     accepted_loss = candidate_loss
             else:
-                snapshot.restore()
+                snapshot.restore(optimizer=restore_optimizer)
                 if canaries is not None:
                     canaries.discard()
             if published:

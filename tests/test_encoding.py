@@ -88,8 +88,12 @@ def test_codebook_is_seeded_and_data_independent():
     torch.testing.assert_close(a.norm(dim=1), torch.ones(8))
     assert (a[:, :-1] >= a[:, 1:]).all()  # descending magnitude profiles
     # the mechanism's codebook depends on the config and the dimension, nothing else
-    cfg = EncodingConfig(noise_multiplier=1.0, top_k=100, codebook_size=8, codebook_seed=5)
+    cfg = EncodingConfig(
+        noise_multiplier=1.0, top_k=100, codebook_size=8, codebook_seed=5, codebook="k-draws"
+    )
     assert torch.equal(Encoder(cfg, 500).codebook, a)
+    release = EncodingConfig(noise_multiplier=1.0, top_k=100, codebook_size=8, codebook_seed=5)
+    assert torch.equal(Encoder(release, 500).codebook, make_codebook(100, 8, 1.0, seed=5, draws=200_000))
 
 
 def _noise_only(config, dim=4000):
@@ -268,3 +272,32 @@ def test_bad_options_are_refused():
         EncodingConfig(noise_multiplier=1.0, noise_df=2.0)
     with pytest.raises(ValueError, match="top_k"):
         EncodingConfig(noise_multiplier=1.0, top_k=0)
+
+
+def test_release_codebook_follows_the_released_recipe():
+    """Each row: the k largest of `draws` sorted |N(0, 1)| draws, L2-normalised (MECHANISMS.md
+    section 3's generator), recomputed here independently; flatter than k sorted draws."""
+    k, rows, draws = 50, 3, 1000
+    book = make_codebook(k, rows, 2.0, seed=0, draws=draws)
+    g = torch.Generator().manual_seed(0)
+    for r in range(rows):
+        z = torch.randn(draws, generator=g, dtype=torch.float64).abs().sort(descending=True).values[:k]
+        torch.testing.assert_close(book[r], (z * 2.0 / z.norm()).float())
+    assert book.shape == (rows, k)
+    torch.testing.assert_close(book.double().norm(dim=1), torch.full((rows,), 2.0, dtype=torch.float64))
+    steep = make_codebook(k, rows, 2.0, seed=0)
+    # the lowest kept rank carries most of the top's magnitude in the release's recipe, little in k draws
+    assert float((book[:, -1] / book[:, 0]).min()) > 0.5 > float((steep[:, -1] / steep[:, 0]).max())
+    with pytest.raises(ValueError, match="draws"):
+        make_codebook(k, rows, 2.0, seed=0, draws=k - 1)
+
+
+def test_encoding_uses_the_release_codebook_by_default():
+    from mechanisms.encoding import Encoder, EncodingConfig
+
+    config = EncodingConfig(noise_multiplier=1.0, top_k=40, codebook_size=4, codebook_draws=5000)
+    torch.testing.assert_close(Encoder(config, dim=100).codebook, make_codebook(40, 4, 1.0, 0, draws=5000))
+    old = EncodingConfig(noise_multiplier=1.0, top_k=40, codebook_size=4, codebook="k-draws")
+    torch.testing.assert_close(Encoder(old, dim=100).codebook, make_codebook(40, 4, 1.0, 0))
+    with pytest.raises(ValueError, match="codebook must be one of"):
+        EncodingConfig(noise_multiplier=1.0, codebook="downloaded")

@@ -275,3 +275,38 @@ def test_summary_says_a_stated_epsilon_is_not_a_bound_and_gives_the_reason():
     assert "| screening-sound-eps8 | ε = 7.999, δ = 1e-05 (pld) |" in md
     assert "- screening-published-eps8: counts accepted steps only" in md
     assert "- screening-sound-eps8" not in md  # formal runs need no caveat
+
+
+@pytest.mark.parametrize(
+    ("options", "restores_optimizer"),
+    [
+        ({"variant": "published"}, False),  # as published: the weights only
+        ({"variant": "sound"}, True),  # a rejected candidate leaves no trace in any state
+        ({"variant": "published", "restore_optimizer": True}, True),
+        ({"variant": "sound", "restore_optimizer": False}, False),
+    ],
+)
+def test_a_rejection_restores_the_optimizer_state_as_each_variant_says(
+    tmp_path, monkeypatch, options, restores_optimizer
+):
+    import mechanisms.annealing as annealing
+
+    calls = []
+    original = annealing.Snapshot.restore
+
+    def spy(self, optimizer=True):
+        calls.append(optimizer)
+        momentum = {
+            p: s["momentum_buffer"].clone() for p, s in self.optimizer.state.items() if "momentum_buffer" in s
+        }
+        original(self, optimizer=optimizer)
+        for p, before in momentum.items():  # with optimizer=False the momentum is left as it was
+            kept = torch.equal(self.optimizer.state[p]["momentum_buffer"], before)
+            assert kept == (not optimizer) or not self.state.get(p)
+
+    monkeypatch.setattr(annealing.Snapshot, "restore", spy)
+    meta = _train(
+        tmp_path, "r", noise_multiplier=1.0, momentum=0.9, validation_size=60, anneal_rate=50.0, **options
+    )
+    assert meta["extras"]["candidate_steps"] > meta["extras"]["accepted_steps"]  # some rejections happened
+    assert calls and set(calls) == {restores_optimizer}
