@@ -327,3 +327,17 @@ def test_encoding_canary_records_are_reproducible_from_the_seed(data):
         other,
     )
     assert not torch.equal(other.result().llr, a.llr)
+
+
+def test_encoding_canary_noise_is_fresh_at_every_step():
+    """Each step's canary noise is a fresh draw (a seed drawn from a small range would repeat
+    noise across steps, which mutation testing found unchecked)."""
+    config = EncodingConfig(top_k=30, codebook_size=6, noise_multiplier=1.0)
+    encoder = Encoder(config, dim=200)
+    canaries = GradientCanaries(50, seed=0, norm=3.0)
+    seen = set()
+    for _ in range(60):
+        lot = canaries.draw(1.0, dpsgd_module.poisson_lot)
+        encoder._privatise_canaries(lot, scale=1.0, expected=8.0, factor=1.0)
+        seen.add(tuple(lot.released.tolist()))
+    assert len(seen) == 60
