@@ -87,6 +87,13 @@ def test_a_user_trainer_and_imported_logits_give_identical_metrics(tmp_path, use
     argv = ["audit", "--logits", str(tmp_path / "target_logits.npy"), *DATA, *common]
     assert main([*argv, "--reference-logits", str(lira), "--out", str(b)]) == 0
     assert _attacks(a / "results.json") == _attacks(b / "results.json")
+    with (
+        np.load(a / "targets" / "audit" / "scores.npz") as sa,
+        np.load(b / "targets" / "audit" / "scores.npz") as sb,
+    ):
+        assert sorted(sa.files) == sorted(sb.files)
+        for name in sa.files:  # every attack's scores, bit for bit
+            np.testing.assert_array_equal(sa[name], sb[name])
     # and mia-audit's own layout reads back the same
     c = tmp_path / "ours"
     argv = ["audit", "--logits", str(tmp_path / "target_logits.npy"), *DATA, *common]
