@@ -341,3 +341,24 @@ def test_encoding_canary_noise_is_fresh_at_every_step():
         encoder._privatise_canaries(lot, scale=1.0, expected=8.0, factor=1.0)
         seen.add(tuple(lot.released.tolist()))
     assert len(seen) == 60
+
+
+def test_dpsgd_canary_law_scale_and_shift_with_a_clip_norm_other_than_one():
+    # sigma C / b and C / b: a C in the wrong place survived mutation testing when every test had C = 1
+    from mechanisms.privatise import gaussian_law
+
+    law = gaussian_law(clip_norm=2.0, noise_multiplier=1.5, expected_batch_size=64.0, sample_rate=0.1)
+    assert law.scale == pytest.approx(1.5 * 2.0 / 64.0) and law.shift == pytest.approx(2.0 / 64.0)
+    assert law.sample_rate == 0.1 and law.noise == "gaussian"
+
+
+def test_dpsgd_canary_records_are_reproducible_from_the_seed(data):
+    """The canaries' noise comes from their own seeded generator (drawing it from torch's global
+    generator survived mutation testing)."""
+    records = []
+    for _ in range(2):
+        torch.manual_seed(len(records))  # a different global state each time: must not matter
+        canaries = GradientCanaries(300, seed=5)
+        _train("dpsgd", dict(epochs=1, batch_size=64, lr=0.1, noise_multiplier=1.0), data, canaries)
+        records.append(canaries.result())
+    torch.testing.assert_close(records[0].llr, records[1].llr, rtol=0, atol=0)
