@@ -37,6 +37,7 @@ __all__ = [
     "parse_attack_spec",
     "results_document",
     "target_id",
+    "train_references",
 ]
 
 logger = logging.getLogger(__name__)
@@ -235,21 +236,40 @@ def attack_checkpoint(
     )
     references = None
     if needs_refs:
-        recipe = Recipe.from_target_meta(
-            meta, queries=queries, seed=request.seed, stochastic=inference.stochastic
-        )
-        references = ensure_references(
+        references = train_references(
+            meta,
+            data,
             references_dir,
-            recipe,
-            request.references,
-            data.population,
-            executor=make_executor(request.workers, request.executor),
-            device=str(device),
-            progress=request.progress,
-            data=data,
+            request,
+            queries=queries,
+            stochastic=inference.stochastic,
+            device=device,
         )
     return attack_logits(
         meta, target_logits, keep, data, references, target_dir=target_dir, request=request, tid=tid
+    )
+
+
+def train_references(
+    meta: dict[str, Any],
+    data: Dataset,
+    folder: Path,
+    request: AttackRequest,
+    *,
+    queries: int,
+    stochastic: bool,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The target's reference models (trained or reused in ``folder``): (keep [M, N], logits)."""
+    return ensure_references(
+        folder,
+        Recipe.from_target_meta(meta, queries=queries, seed=request.seed, stochastic=stochastic),
+        request.references,
+        data.population,
+        executor=make_executor(request.workers, request.executor),
+        device=str(device),
+        progress=request.progress,
+        data=data,
     )
 
 

@@ -26,17 +26,23 @@ import numpy as np
 
 from attacks import get_attack
 from mechanisms import build_model, config_from_mapping, get_mechanism
+from mechanisms.models import import_callable
 
-from .attack import AttackRequest, attack_logits, default_queries, parse_attack_spec, results_document
+from .attack import (
+    AttackRequest,
+    attack_logits,
+    default_queries,
+    parse_attack_spec,
+    results_document,
+    train_references,
+)
 from .blackbox import blackbox_audit, canary_scores, load_input_canaries
 from .checkpoint import WRAPPER_PREFIXES, apply_weights, load_weights, strip_wrappers
 from .data import DataOptions, Dataset
-from .executors import make_executor
 from .files import write_json
-from .references import Recipe, ensure_references
 from .signals import model_logits
 from .signals_io import load_reference_signals, load_target_logits
-from .train import heldout_accuracy, import_callable, released, resolve_device
+from .train import heldout_accuracy, released, resolve_device
 
 __all__ = ["audit_checkpoint", "read_members", "read_recipe"]
 
@@ -211,15 +217,14 @@ def audit_checkpoint(
                 f"attacks {', '.join(specs)} need at least 2 reference models, got {request.references}"
             )
         stochastic = inference.stochastic if inference is not None else False
-        references = ensure_references(
+        references = train_references(
+            meta,
+            data,
             out / "references" / "audit",
-            Recipe.from_target_meta(meta, queries=queries, seed=request.seed, stochastic=stochastic),
-            request.references,
-            data.population,
-            executor=make_executor(request.workers, request.executor),
-            device=str(device),
-            progress=request.progress,
-            data=data,
+            request,
+            queries=queries,
+            stochastic=stochastic,
+            device=device,
         )
     entry = attack_logits(
         meta,

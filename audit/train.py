@@ -15,6 +15,7 @@ import torch
 import mechanisms
 from mechanisms import build_model, config_from_mapping, get_mechanism
 from mechanisms.accounting import accounting_seconds
+from mechanisms.models import import_callable
 from mechanisms.training import accuracy
 
 from .canary import CanarySettings, make_canaries, save_record
@@ -32,7 +33,6 @@ __all__ = [
     "fit_with_trainer",
     "half_mask",
     "heldout_accuracy",
-    "import_callable",
     "released",
     "resolve_device",
     "seeds",
@@ -162,23 +162,6 @@ def fit(
     model.load_state_dict(result.state_dict)
     record = canaries.result() if canaries is not None else None
     return Fitted(model, result, seconds - accounting, config, record, accounting)
-
-
-def import_callable(spec: str, what: str) -> Any:
-    """The callable named ``package.module:function``; imported only because the user named it."""
-    import importlib
-
-    module_name, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-    if not module_name or not attr:
-        raise ValueError(f"a {what} is given as 'package.module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"cannot import module {module_name!r} for {what} {spec!r}: {err}") from err
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"module {module_name!r} has no callable {attr!r} ({what} {spec!r})")
-    return fn
 
 
 def fit_with_trainer(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -177,18 +178,24 @@ def model_names() -> list[str]:
     return sorted(MODELS)
 
 
-def _user_factory(spec: str) -> ModelFactory:
-    module_name, _, attr = spec.partition(":")
+def import_callable(spec: Any, what: str, part: str = "function") -> Callable[..., Any]:
+    """The callable a user named as ``package.module:<part>`` (imported only because they did);
+    errors name the ``what`` (a model, a trainer) and the spec."""
+    module_name, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if not module_name or not attr:
-        raise ValueError(f"a user model is given as 'package.module:factory', got {spec!r}")
+        raise ValueError(f"a user {what} is given as 'package.module:{part}', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"cannot import module {module_name!r} for model {spec!r}: {err}") from err
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ValueError(f"module {module_name!r} has no callable {attr!r} (model {spec!r})")
-    return factory
+        raise ValueError(f"cannot import module {module_name!r} for {what} {spec!r}: {err}") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"module {module_name!r} has no callable {attr!r} ({what} {spec!r})")
+    return fn
+
+
+def _user_factory(spec: str) -> ModelFactory:
+    return import_callable(spec, "model", "factory")
 
 
 def build_model(
