@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,11 @@ def run(
     todo: list[tuple[Path, TrainRequest]] = []
     for k, (tid, mechanism, options, model) in enumerate(plan, 1):
         tdir = inside(out, "targets", tid)
-        canaries = _gradient_canaries(config, mechanism)
+        canaries = _gradient_canaries(config, mechanism, options)
+        if config.canaries.enabled and canaries is None and get_mechanism(mechanism).gradient_canaries:
+            reason = _canaries_refused(mechanism, options)
+            logger.warning("target %s: no white-box canaries: %s", tid, reason)
+            print(f"target {tid}: no white-box canary audit: {reason}", file=sys.stderr, flush=True)
         stale = (tdir / "model.json").is_file() and _changed(tdir, model, mechanism, options, config, data)
         if stale:
             # trained with another recipe: its references and twin are the old recipe's too
@@ -160,7 +165,7 @@ def run(
     if config.canaries.inputs > 0:
         _train_twins(plan, out, config, data, request, executor, progress)
     entries = []
-    for k, (tid, mechanism, _options, _model) in enumerate(plan, 1):
+    for k, (tid, mechanism, options, _model) in enumerate(plan, 1):
         tdir = inside(out, "targets", tid)
         ck = load_checkpoint(tdir)
         if progress:
@@ -175,7 +180,7 @@ def run(
             request=request,
             tid=tid,
         )
-        if _gradient_canaries(config, mechanism) is not None:
+        if _gradient_canaries(config, mechanism, options) is not None:
             entry["canary_audits"] = audits_for_checkpoint(tdir, ck.meta, delta=config.delta)
         if config.canaries.inputs > 0:
             twin = twin_audit(tdir, data, delta=config.delta, confidence=config.canaries.confidence)
@@ -187,10 +192,21 @@ def run(
     return results
 
 
-def _gradient_canaries(config: RunConfig, mechanism: str) -> Any:
-    """The white-box canary settings a target of ``mechanism`` trains with, or None."""
+def _gradient_canaries(config: RunConfig, mechanism: str, options: dict[str, Any]) -> Any:
+    """The white-box canary settings a target of ``mechanism`` with ``options`` trains with, or
+    None (no gradient, or a setting whose gradient the canaries cannot stand for, such as
+    encoding's microbatches: :func:`canary_notes` says so)."""
     c = config.canaries
-    return c if c.enabled and get_mechanism(mechanism).gradient_canaries else None
+    return c if c.enabled and _canaries_refused(mechanism, options) is None else None
+
+
+def _canaries_refused(mechanism: str, options: dict[str, Any]) -> str | None:
+    from mechanisms import config_from_mapping
+
+    entry = get_mechanism(mechanism)
+    if not entry.gradient_canaries:
+        return "no gradient to plant canaries in"
+    return entry.canaries_refused(config_from_mapping(entry.config_type, options))
 
 
 def _train_targets(

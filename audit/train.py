@@ -152,6 +152,8 @@ def fit(
             f"mechanism {mechanism_name!r} has no gradient to plant canaries in (white-box canaries need a "
             "gradient mechanism); audit it black-box instead"
         )
+    if canaries is not None and (reason := mechanism.canaries_refused(config)) is not None:
+        raise ValueError(f"white-box canaries: {reason}")
     extra = {"canaries": canaries} if canaries is not None else {}
     warm_up()
     accounted = accounting_seconds()

@@ -123,7 +123,8 @@ class Mechanism:
     passes whose softmax is averaged for predictions (1 for deterministic models), and
     ``stochastic(config)`` says whether inference is random (then attack queries are repeated
     passes instead of augmentations). ``gradient_canaries`` says that ``train`` accepts a
-    ``canaries=`` argument (mechanisms.canaries) and threads it through its privatisation.
+    ``canaries=`` argument (mechanisms.canaries) and threads it through its privatisation;
+    ``canaries_refused(config)`` gives the reason a config cannot take them, or None.
     """
 
     name: str
@@ -135,6 +136,7 @@ class Mechanism:
     stochastic: Callable[[TrainConfig], bool] = lambda config: False
     eval_passes: Callable[[TrainConfig], int] = lambda config: 1
     gradient_canaries: bool = False
+    canaries_refused: Callable[[TrainConfig], str | None] = lambda config: None
 
     def released(self, model: nn.Module, config: TrainConfig, seed: int = 0) -> nn.Module:
         """The model as this mechanism releases it (see ``prepare``)."""

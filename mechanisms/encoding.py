@@ -29,6 +29,20 @@ add/remove-one adjacency, dp-accounting for subsampling and composition):
   curve (closed form) is bounded by mu_i-Gaussian DP, mu-GDP composes across coordinates, and
   the step is accounted as a Poisson-sampled Gaussian with noise multiplier
   ``1 / sqrt(sum_i mu_i^2)`` (see ``accounting.student_t_noise_multiplier``).
+
+Microbatches (``microbatch_size`` m > 1, the release's CIFAR setting is 2): each member of a
+lot joins one of G = round(M / m) microbatches, drawn independently and uniformly per example
+and step, and the gradient of each microbatch's mean loss is encoded instead of each
+example's. Adding an example x changes one term of the sum, e(S) -> e(S + x), where both
+vectors obey the bound, so the difference is bounded by twice it (2 quant_clip in L2, 2 L1
+bound, 2 Q envelope per coordinate) and the accounting uses that sensitivity: the event's
+multiplier is half the noise's. Because the groups are drawn independently of the other
+examples, conditioning on everything else leaves a Poisson-sampled shift of at most twice the
+bound, which the subsampled event dominates (joint convexity of the hockey-stick
+divergence). MECHANISMS.md says microbatches keep sensitivity C under add/remove; that holds
+only when the added example forms a microbatch of its own: in a shared microbatch it can flip
+the encoded vector (tests/test_encoding.py shows a difference of 2B). White-box gradient
+canaries are per example, so they are refused with microbatches (audit those black-box).
 """
 
 from __future__ import annotations
@@ -58,6 +72,7 @@ __all__ = [
     "encode",
     "ks_statistic",
     "make_codebook",
+    "microbatch_count",
     "sample_noise",
     "train_encoding",
 ]
@@ -92,6 +107,8 @@ class EncodingConfig(DpSgdConfig):
     distance_multiplier: float = 500.0
     distance_threshold: float = 0.7
     max_scale: float = 5.0
+    # expected examples per microbatch; 1 encodes every example (the released MNIST setting)
+    microbatch_size: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +129,12 @@ class EncodingConfig(DpSgdConfig):
             raise ValueError(f"noise_df must be > 2 (finite variance), got {self.noise_df}")
         if self.distance_threshold < 0:
             raise ValueError(f"distance_threshold must be >= 0, got {self.distance_threshold}")
+        if self.microbatch_size < 1:
+            raise ValueError(f"microbatch_size must be >= 1, got {self.microbatch_size}")
+        if self.microbatch_size > self.batch_size:
+            raise ValueError(
+                f"microbatch_size ({self.microbatch_size}) must be <= batch_size ({self.batch_size})"
+            )
 
 
 def make_codebook(k: int, rows: int, norm: float, seed: int, draws: int | None = None) -> torch.Tensor:
@@ -154,6 +177,12 @@ def encode(
     nearest = (magnitude @ codebook.T).argmax(dim=1)  # codewords share one norm: dot = cosine
     values = torch.minimum(magnitude, codebook[nearest]) * sign
     return index, values
+
+
+def microbatch_count(expected_batch_size: float, microbatch_size: int) -> int:
+    """How many microbatches a lot is split into: the expected lot size over the expected
+    microbatch size, at least 1."""
+    return max(1, round(expected_batch_size / microbatch_size))
 
 
 def ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -202,6 +231,9 @@ class Encoder:
         )
         self.l1_bound = float(self.codebook.double().sum(dim=1).max())
         self.envelope = self.codebook.double().max(dim=0).values.numpy()
+        # an example's effect on the sum: its own encoded vector (bound B) alone; in a
+        # microbatch, e(S + x) - e(S) of two vectors of bound B each, so 2B (module docstring)
+        self.sensitivity = 1 if config.microbatch_size == 1 else 2
         self.skipped = 0
         self.steps = 0
         self.scales: list[float] = []
@@ -211,12 +243,15 @@ class Encoder:
         return noise_multiplier * bound
 
     def event(self, noise_multiplier: float, sample_rate: float, steps: int) -> DpEvent:
-        """The run's DpEvent for this law (see the module docstring)."""
+        """The run's DpEvent for this law (see the module docstring); with microbatches the
+        sensitivity is twice the bound, so the event's multiplier is half the noise's."""
         if self.config.noise == "gaussian":
-            return dpsgd_event(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+            return dpsgd_event(
+                noise_multiplier=noise_multiplier / self.sensitivity, sample_rate=sample_rate, steps=steps
+            )
         if self.config.noise == "laplace":
             step = dp_accounting.PoissonSampledDpEvent(
-                sample_rate, dp_accounting.LaplaceDpEvent(noise_multiplier)
+                sample_rate, dp_accounting.LaplaceDpEvent(noise_multiplier / self.sensitivity)
             )
             return dp_accounting.SelfComposedDpEvent(step, steps)
         return dpsgd_event(
@@ -244,9 +279,10 @@ class Encoder:
         )
 
     def gaussian_equivalent(self, noise_multiplier: float) -> float:
-        """Student-t: the noise multiplier of the dominating Gaussian (same sensitivity 1)."""
+        """Student-t: the noise multiplier of the dominating Gaussian (sensitivity 1): each
+        coordinate's shift is bounded by the envelope (twice it with microbatches)."""
         scale = self.noise_scale(noise_multiplier)
-        return student_t_noise_multiplier(self.envelope, scale, self.config.noise_df)
+        return student_t_noise_multiplier(self.sensitivity * self.envelope, scale, self.config.noise_df)
 
     def gradient(
         self, model: nn.Module, plan: DpSgdPlan, generator: torch.Generator, workspace: Workspace
@@ -257,6 +293,7 @@ class Encoder:
         scale = self.noise_scale(plan.noise_multiplier)
         first = next(iter(params.values()))
         codebook = self.codebook.to(first.device, first.dtype)  # the model's dtype (float64 models too)
+        groups = microbatch_count(plan.expected_batch_size, config.microbatch_size)
 
         def step(
             m: nn.Module, x: torch.Tensor, y: torch.Tensor, canaries: CanaryLot | None = None
@@ -264,6 +301,12 @@ class Encoder:
             first = next(iter(params.values()))
             total = torch.zeros(self.dim, device=first.device, dtype=first.dtype)
             loss_sum = 0.0
+            if config.microbatch_size > 1:
+                # each lot member joins one of `groups` microbatches, independently and uniformly
+                member = torch.randint(0, groups, (len(y),), generator=generator, device=generator.device)
+                member = member.to(first.device)
+                sums = torch.zeros(groups, self.dim, device=first.device, dtype=first.dtype)
+                sizes = torch.bincount(member, minlength=groups)
             for start in range(0, len(y), config.physical_batch_size):
                 xb, yb = (
                     x[start : start + config.physical_batch_size],
@@ -274,12 +317,23 @@ class Encoder:
                 else:
                     per = per_example_grads(m, xb, yb)
                 flat = torch.cat([per[n].reshape(len(yb), -1) for n in params], dim=1)
-                index, values = encode(
-                    flat, codebook, clip_norm=config.clip_norm, multiplier=config.quant_multiplier
-                )
-                total.index_add_(0, index.flatten(), values.flatten().to(total.dtype))
+                if config.microbatch_size > 1:
+                    sums.index_add_(0, member[start : start + len(yb)], flat)
+                else:
+                    index, values = encode(
+                        flat, codebook, clip_norm=config.clip_norm, multiplier=config.quant_multiplier
+                    )
+                    total.index_add_(0, index.flatten(), values.flatten().to(total.dtype))
                 with torch.no_grad():
                     loss_sum += float(F.cross_entropy(m(xb), yb, reduction="sum"))
+            if config.microbatch_size > 1:
+                # a microbatch's gradient is that of its mean loss; empty microbatches add nothing
+                used = sizes > 0
+                means = sums[used] / sizes[used].unsqueeze(1).to(sums.dtype)
+                index, values = encode(
+                    means, codebook, clip_norm=config.clip_norm, multiplier=config.quant_multiplier
+                )
+                total.index_add_(0, index.flatten(), values.flatten().to(total.dtype))
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
             rng = np.random.default_rng(seed)
             noise = torch.from_numpy(sample_noise(config.noise, scale, config.noise_df, self.dim, rng))
@@ -350,8 +404,13 @@ def train_encoding(
         name="encoding",
         make_gradient=lambda plan, optimizer: encoder.gradient(model, plan, generator, workspace),
         make_event=encoder.event,
-        note=f"gradient encoding (top-{encoder.k} of {dim}, codebook of {config.codebook_size} seeded rows): "
-        f"{law}; Poisson-sampled event composed in dp-accounting, add/remove-one adjacency",
+        note=f"gradient encoding (top-{encoder.k} of {dim}, codebook of {config.codebook_size} seeded rows"
+        + (
+            f", microbatches of {config.microbatch_size} expected examples, sensitivity twice the bound"
+            if config.microbatch_size > 1
+            else ""
+        )
+        + f"): {law}; Poisson-sampled event composed in dp-accounting, add/remove-one adjacency",
         canaries=canaries,
         make_law=(lambda plan: encoder.law(plan, canaries.norm)) if canaries is not None else None,
     )
@@ -380,5 +439,11 @@ ENCODING = register_mechanism(
         "Student-t noise on every coordinate (formal epsilon per law)",
         validate_model=refuse_batchnorm,
         gradient_canaries=True,
+        canaries_refused=lambda config: (
+            f"encoding with microbatch_size {config.microbatch_size} encodes microbatches, not the "
+            "examples a gradient canary stands for; audit it black-box (input canaries)"
+            if getattr(config, "microbatch_size", 1) > 1
+            else None
+        ),
     )
 )

@@ -301,3 +301,132 @@ def test_encoding_uses_the_release_codebook_by_default():
     torch.testing.assert_close(Encoder(old, dim=100).codebook, make_codebook(40, 4, 1.0, 0))
     with pytest.raises(ValueError, match="codebook must be one of"):
         EncodingConfig(noise_multiplier=1.0, codebook="downloaded")
+
+
+# ---- microbatches (issue 24) ----
+
+
+def _zero_noise(monkeypatch):
+    """sample_noise returning zeros, so a step's output is the encoded sum over M alone."""
+    import mechanisms.encoding as enc_mod
+
+    monkeypatch.setattr(enc_mod, "sample_noise", lambda law, scale, df, n, rng: np.zeros(n))
+
+
+def test_microbatch_step_encodes_each_microbatch_mean_gradient_as_a_loop_does(monkeypatch):
+    """The loop oracle: lot members join microbatches by independent uniform draws from the
+    training generator; each microbatch's gradient is that of its mean loss (autograd, one
+    microbatch at a time); each is encoded; the sum is divided by the expected lot size."""
+    _zero_noise(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    )
+    dim = sum(p.numel() for p in model.parameters())
+    x, y = torch.randn(21, 12), torch.randint(0, 3, (21,))
+    config = EncodingConfig(
+        noise_multiplier=1.0,
+        top_k=40,
+        codebook_size=8,
+        codebook_draws=2000,
+        denoise=False,
+        batch_size=16,
+        microbatch_size=3,
+        physical_batch_size=5,
+        clip_norm=0.5,
+    )
+    enc = Encoder(config, dim)
+    plan = DpSgdPlan(0.5, 4, 1.0, 16.0)
+    step = enc.gradient(model, plan, torch.Generator().manual_seed(7), Workspace())
+    out, _ = step(model, x, y)
+    released = torch.cat([out[n].flatten() for n, _ in model.named_parameters()])
+
+    groups = round(16 / 3)
+    member = torch.randint(0, groups, (21,), generator=torch.Generator().manual_seed(7))
+    expected = torch.zeros(dim)
+    used = 0
+    for j in range(groups):
+        idx = (member == j).nonzero().flatten()
+        if len(idx) == 0:
+            continue
+        used += 1
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        g = torch.cat([p.grad.flatten() for p in model.parameters()])
+        index, values = encode(g[None], enc.codebook, clip_norm=0.5, multiplier=config.quant_multiplier)
+        expected[index[0]] += values[0]
+    assert used >= 3  # several microbatches, so the grouping is exercised
+    torch.testing.assert_close(released, expected / 16.0, rtol=1e-4, atol=1e-6)
+    # one example per microbatch is another release (the grouping happens in the step)
+    per_example = EncodingConfig(**{**config.__dict__, "microbatch_size": 1})
+    gen = torch.Generator().manual_seed(7)
+    other, _ = Encoder(per_example, dim).gradient(model, plan, gen, Workspace())(model, x, y)
+    assert not torch.allclose(torch.cat([other[n].flatten() for n, _ in model.named_parameters()]), released)
+
+
+def test_one_example_moves_a_shared_microbatch_by_up_to_twice_the_bound():
+    """Why microbatches are accounted with twice the bound: adding x to a microbatch S can
+    turn its encoded vector around, so ||e(S + x) - e(S)|| reaches 2 quant_clip, while an
+    example encoded alone moves the sum by at most quant_clip."""
+    book = make_codebook(4, 2, 1.0, seed=0, draws=100)
+    a = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.0, 0.0]])
+    x = -3 * a  # the mean of {a, x} is -a
+    e_s = encode(a, book, clip_norm=1.0, multiplier=4.0)
+    e_sx = encode((a + x) / 2, book, clip_norm=1.0, multiplier=4.0)
+    dense = [torch.zeros(6).index_put_((i[0],), v[0]) for i, v in (e_s, e_sx)]
+    moved = float((dense[1] - dense[0]).norm())
+    assert moved == pytest.approx(2 * float(dense[0].norm()))
+    assert 1.0 < moved <= 2.0 + 1e-6
+
+
+@pytest.mark.parametrize("law", ["gaussian", "laplace", "studentt"])
+def test_microbatch_accounting_uses_twice_the_bound(law):
+    """The event with microbatches equals the per-example event at half the noise multiplier
+    (Gaussian and Laplace), and the Student-t bound on twice the envelope."""
+    per_example = Encoder(EncodingConfig(noise_multiplier=1.0, top_k=300, noise=law), 1000)
+    micro = Encoder(EncodingConfig(noise_multiplier=1.0, top_k=300, noise=law, microbatch_size=2), 1000)
+    q, steps, delta = 0.05, 50, 1e-5
+    got = _eps(micro.event(2.0, q, steps), 1, delta)
+    if law == "studentt":
+        half = student_t_noise_multiplier(2 * per_example.envelope, 2.0, 9.0)
+        assert micro.gaussian_equivalent(2.0) == pytest.approx(half)
+        assert half < per_example.gaussian_equivalent(2.0)
+        step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(half))
+        expected = _eps(dp_accounting.SelfComposedDpEvent(step, steps), 1, delta)
+    else:
+        expected = _eps(per_example.event(1.0, q, steps), 1, delta)
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert got > _eps(per_example.event(2.0, q, steps), 1, delta)
+
+
+def test_microbatch_run_calibrates_and_says_so_and_refuses_gradient_canaries(tmp_path):
+    meta = _train(tmp_path, "mb", noise="gaussian", epsilon=4.0, microbatch_size=4)
+    p = meta["privacy"]
+    assert 0.99 * 4.0 <= p["epsilon"] <= 4.0 and "microbatches of 4" in p["note"]
+    one = _train(tmp_path, "one", noise="gaussian", epsilon=4.0)
+    # twice the sensitivity: about twice the noise for the same epsilon
+    assert p["noise_multiplier"] == pytest.approx(2 * one["privacy"]["noise_multiplier"], rel=0.02)
+    from audit.canary import CanarySettings
+
+    with pytest.raises(ValueError, match="microbatch_size 4 encodes microbatches"):
+        train_target(
+            TrainRequest(
+                dataset="digits",
+                model="mlp",
+                mechanism="encoding",
+                options={
+                    "epochs": 1,
+                    "batch_size": 64,
+                    "top_k": 200,
+                    "noise_multiplier": 1.0,
+                    "microbatch_size": 4,
+                },
+                progress=False,
+                canaries=CanarySettings(count=100, inputs=0),
+            ),
+            tmp_path / "c",
+        )
+    with pytest.raises(ValueError, match="microbatch_size must be >= 1"):
+        EncodingConfig(noise_multiplier=1.0, microbatch_size=0)
+    with pytest.raises(ValueError, match="must be <= batch_size"):
+        EncodingConfig(noise_multiplier=1.0, batch_size=8, microbatch_size=9)
