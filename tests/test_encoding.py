@@ -331,37 +331,45 @@ def test_microbatch_step_encodes_each_microbatch_mean_gradient_as_a_loop_does(mo
         codebook_draws=2000,
         denoise=False,
         batch_size=16,
-        microbatch_size=3,
+        microbatch_size=6,
         physical_batch_size=5,
-        clip_norm=0.5,
+        clip_norm=100.0,  # loose clip and small multiplier: neither clip nor clamp hides a sum for a mean
+        quant_multiplier=0.05,
     )
     enc = Encoder(config, dim)
     plan = DpSgdPlan(0.5, 4, 1.0, 16.0)
-    step = enc.gradient(model, plan, torch.Generator().manual_seed(7), Workspace())
-    out, _ = step(model, x, y)
-    released = torch.cat([out[n].flatten() for n, _ in model.named_parameters()])
+    groups = 3  # 16 / 6 = 2.67 microbatches, rounded
 
-    groups = round(16 / 3)
-    member = torch.randint(0, groups, (21,), generator=torch.Generator().manual_seed(7))
-    expected = torch.zeros(dim)
-    used = 0
-    for j in range(groups):
-        idx = (member == j).nonzero().flatten()
-        if len(idx) == 0:
-            continue
-        used += 1
-        model.zero_grad()
-        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        g = torch.cat([p.grad.flatten() for p in model.parameters()])
-        index, values = encode(g[None], enc.codebook, clip_norm=0.5, multiplier=config.quant_multiplier)
-        expected[index[0]] += values[0]
-    assert used >= 3  # several microbatches, so the grouping is exercised
-    torch.testing.assert_close(released, expected / 16.0, rtol=1e-4, atol=1e-6)
+    def oracle(n: int, seed: int) -> tuple[torch.Tensor, int]:
+        member = torch.randint(0, groups, (n,), generator=torch.Generator().manual_seed(seed))
+        expected, used = torch.zeros(dim), 0
+        for j in range(groups):
+            idx = (member == j).nonzero().flatten()
+            if len(idx) == 0:
+                continue
+            used += 1
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            g = torch.cat([p.grad.flatten() for p in model.parameters()])
+            index, values = encode(g[None], enc.codebook, clip_norm=100.0, multiplier=config.quant_multiplier)
+            expected[index[0]] += values[0]
+        return expected / 16.0, used
+
+    for n, seed, used in [(21, 7, 3), (2, 0, 2)]:  # every microbatch used; one left empty
+        out, _ = enc.gradient(model, plan, torch.Generator().manual_seed(seed), Workspace())(
+            model, x[:n], y[:n]
+        )
+        released = torch.cat([out[k].flatten() for k, _ in model.named_parameters()])
+        expected, really_used = oracle(n, seed)
+        assert really_used == used  # the grouping is exercised, empty microbatches too
+        torch.testing.assert_close(released, expected, rtol=1e-4, atol=1e-6)
+        if n == 21:
+            shared = released
     # one example per microbatch is another release (the grouping happens in the step)
     per_example = EncodingConfig(**{**config.__dict__, "microbatch_size": 1})
     gen = torch.Generator().manual_seed(7)
     other, _ = Encoder(per_example, dim).gradient(model, plan, gen, Workspace())(model, x, y)
-    assert not torch.allclose(torch.cat([other[n].flatten() for n, _ in model.named_parameters()]), released)
+    assert not torch.allclose(torch.cat([other[n].flatten() for n, _ in model.named_parameters()]), shared)
 
 
 def test_one_example_moves_a_shared_microbatch_by_up_to_twice_the_bound():
