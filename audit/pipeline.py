@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +132,6 @@ def run(
         if config.canaries.enabled and canaries is None and get_mechanism(mechanism).gradient_canaries:
             reason = _canaries_refused(mechanism, options)
             logger.warning("target %s: no white-box canaries: %s", tid, reason)
-            print(f"target {tid}: no white-box canary audit: {reason}", file=sys.stderr, flush=True)
         stale = (tdir / "model.json").is_file() and _changed(tdir, model, mechanism, options, config, data)
         if stale:
             # trained with another recipe: its references and twin are the old recipe's too

@@ -60,6 +60,11 @@ name = "encoding"
 id = "encoding-kdraws"
 budgets = [4.0, 8.0]
 options = {{ epochs = 10, batch_size = 256, lr = 0.2, momentum = 0.0, codebook = "k-draws" }}
+[[mechanisms]]
+name = "encoding"
+id = "encoding-release-microbatch2"
+budgets = [8.0]
+options = {{ epochs = 10, batch_size = 256, lr = 0.2, momentum = 0.0, microbatch_size = 2 }}
 [canaries]
 count = 100000
 inputs = 0
