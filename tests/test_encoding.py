@@ -444,6 +444,8 @@ def test_a_run_plants_white_box_canaries_only_where_they_stand_for_examples():
     from audit.pipeline import _canaries_refused
 
     assert _canaries_refused("encoding", {"noise_multiplier": 1.0}) is None
-    assert "microbatch_size 2" in _canaries_refused("encoding", {"noise_multiplier": 1.0, "microbatch_size": 2})
+    assert "microbatch_size 2" in _canaries_refused(
+        "encoding", {"noise_multiplier": 1.0, "microbatch_size": 2}
+    )
     assert _canaries_refused("dpsgd", {"noise_multiplier": 1.0}) is None
     assert _canaries_refused("residual", {}) == "no gradient to plant canaries in"
