@@ -180,6 +180,7 @@ def gather(group: str, outs: list[Path]) -> list[dict]:
             meta = json.loads((out / "targets" / t["id"] / "model.json").read_text())
             extras = meta.get("extras", {})
             row.setdefault("held_out_accuracy", []).append(t["test_accuracy"])
+            row.setdefault("generalisation_gap", []).append(t["train_accuracy"] - t["test_accuracy"])
             row.setdefault("loss_auc", []).append(loss["auc"])
             row.setdefault("loss_tpr_at_1pct", []).append(loss["tpr_at_fpr"]["0.01"])
             eps = (t.get("privacy") or {}).get("epsilon")
@@ -228,6 +229,7 @@ def main() -> None:
     columns = [
         ("epsilon", "accountant ε", 2),
         ("held_out_accuracy", "held-out acc.", 4),
+        ("generalisation_gap", "train - held-out acc.", 4),
         ("loss_auc", "loss AUC", 3),
         ("loss_tpr_at_1pct", "TPR@1% FPR", 4),
         ("canary_white-box-steps", "canary ε_lb, steps", 2),
