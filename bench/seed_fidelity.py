@@ -106,7 +106,11 @@ RESIDUAL_OPTIONS = "epochs = 60, batch_size = 64, lr = 0.05"
 
 
 def residual_config(npz: Path) -> str:
-    mechs = [f'[[mechanisms]]\nname = "sgd"\nid = "sgd"\noptions = {{ {RESIDUAL_OPTIONS} }}']
+    mechs = [
+        f'[[mechanisms]]\nname = "sgd"\nid = "sgd"\noptions = {{ {RESIDUAL_OPTIONS} }}',
+        # DP-SGD on the same ResNet for scale (not a tuned recipe)
+        '[[mechanisms]]\nname = "dpsgd"\nbudgets = [8.0]\noptions = { epochs = 60, batch_size = 64, lr = 0.1 }',
+    ]
     for strategy in ("1", "2"):
         for g in GAMMAS:
             mechs.append(
