@@ -247,3 +247,105 @@ def test_recompute_splits_the_confidence_over_the_tests_and_uses_the_bounds_delt
         assert loose < one, (b.method, loose, one)  # a larger delta explains more: a lower epsilon
     with pytest.raises(ValueError, match="unknown bound method"):
         recompute_epsilon({**bounds[0].to_json(), "method": "guess"}, 0.95)
+
+
+# ---- the vectorised selection criteria against their scalar oracles (mutation testing) ----
+
+
+@pytest.mark.parametrize("delta,alpha", [(1e-5, 0.05), (0.01, 0.2), (0.0, 0.01)])
+def test_vectorised_criteria_equal_the_scalar_bounds_at_every_count(delta, alpha):
+    """``_cp_vector`` / ``_gdp_mu_vector`` choose thresholds; each entry must equal the scalar
+    ``epsilon_lower_bound`` / ``gdp_mu_lower_bound`` at its counts, edges included (no errors,
+    every trial an error)."""
+    from attacks.bounds import gdp_mu_lower_bound
+    from attacks.canary_audit import _cp_vector, _gdp_mu_vector
+
+    for n0, p in [(40, 25), (7, 300), (1, 1)]:
+        fp, fn = np.meshgrid(np.arange(n0 + 1), np.arange(p + 1), indexing="ij")
+        fp, fn = fp.ravel(), fn.ravel()
+        eps = _cp_vector(fp, n0, fn, p, delta, alpha)
+        mu = _gdp_mu_vector(fp, n0, fn, p, alpha)
+        for i in range(len(fp)):
+            want = epsilon_lower_bound(int(fp[i]), n0, int(fn[i]), p, delta=delta, alpha=alpha)
+            assert eps[i] == pytest.approx(want, rel=1e-9, abs=1e-12), (fp[i], fn[i])
+            want_mu = gdp_mu_lower_bound(int(fp[i]), n0, int(fn[i]), p, alpha=alpha)
+            assert mu[i] == pytest.approx(want_mu, rel=1e-9, abs=1e-12), (fp[i], fn[i])
+        if n0 > 1:
+            assert eps.max() > 0 and mu.max() > 0  # the grid reaches positive bounds
+
+
+def test_threshold_counts_equal_counting_each_threshold():
+    from attacks.canary_audit import _threshold_candidates, _threshold_counts
+
+    rng = np.random.default_rng(3)
+    s = np.round(rng.normal(size=300), 1)  # ties
+    inc = rng.random(300) < 0.4
+    t = _threshold_candidates(s)
+    assert np.array_equal(t, np.unique(s))
+    fp, n0, fn, p = _threshold_counts(s, inc, t)
+    assert (n0, p) == (int((~inc).sum()), int(inc.sum()))
+    for i, th in enumerate(t):
+        guess = s >= th
+        assert fp[i] == int((guess & ~inc).sum()) and fn[i] == int((~guess & inc).sum())
+
+
+def test_threshold_candidates_keep_both_tails_and_thin_the_middle():
+    from attacks.canary_audit import THRESHOLD_CANDIDATES, _threshold_candidates
+
+    s = np.arange(5 * THRESHOLD_CANDIDATES, dtype=float)
+    t = _threshold_candidates(s)
+    tail = THRESHOLD_CANDIDATES // 4
+    assert len(t) <= THRESHOLD_CANDIDATES
+    assert np.array_equal(t[:tail], s[:tail]) and np.array_equal(t[-tail:], s[-tail:])
+    assert np.all(np.diff(t) > 0) and t[0] == s.min() and t[-1] == s.max()
+    assert len(t) > THRESHOLD_CANDIDATES - 5  # the middle is thinned, not dropped
+
+
+def test_a_bound_writes_every_field_it_is_read_back_by():
+    from attacks.bounds import CanaryBound
+
+    b = CanaryBound(
+        method="one-run",
+        epsilon_lb=1.25,
+        confidence=0.9,
+        delta=1e-6,
+        valid=False,
+        assumptions="a",
+        selection="s",
+        score="llr",
+        counts={"canaries": 10, "guesses": 4},
+        tests=3,
+        ceiling=2.5,
+        extra={"mu": 0.7},
+    )
+    assert b.to_json() == {
+        "method": "one-run",
+        "epsilon_lb": 1.25,
+        "confidence": 0.9,
+        "delta": 1e-6,
+        "valid": False,
+        "assumptions": "a",
+        "selection": "s",
+        "score": "llr",
+        "counts": {"canaries": 10, "guesses": 4},
+        "tests": 3,
+        "ceiling": 2.5,
+        "saturated": False,
+        "extra": {"mu": 0.7},
+    }
+    at_ceiling = CanaryBound(
+        method="clopper-pearson",
+        epsilon_lb=2.5,
+        confidence=0.95,
+        delta=1e-5,
+        valid=True,
+        assumptions="",
+        selection="",
+        score="",
+        counts={},
+        ceiling=2.5,
+    )
+    j = at_ceiling.to_json()
+    assert j["saturated"] is True and "extra" not in j and j["tests"] == 1
+    assert CanaryBound(**{**at_ceiling.__dict__, "ceiling": None}).to_json()["saturated"] is False
+    assert CanaryBound(**{**at_ceiling.__dict__, "epsilon_lb": 2.5 - 1e-6}).saturated is False
