@@ -260,7 +260,7 @@ def test_vectorised_criteria_equal_the_scalar_bounds_at_every_count(delta, alpha
     from attacks.bounds import gdp_mu_lower_bound
     from attacks.canary_audit import _cp_vector, _gdp_mu_vector
 
-    for n0, p in [(40, 25), (7, 300), (1, 1)]:
+    for n0, p in [(40, 25), (7, 300), (1, 300), (300, 1), (1, 1)]:
         fp, fn = np.meshgrid(np.arange(n0 + 1), np.arange(p + 1), indexing="ij")
         fp, fn = fp.ravel(), fn.ravel()
         eps = _cp_vector(fp, n0, fn, p, delta, alpha)
