@@ -247,6 +247,21 @@ def main() -> None:
         print(
             f"| {r['group']} | {r['target']} | " + " | ".join(fmt(r.get(k), d) for k, _, d in columns) + " |"
         )
+    extras = [
+        ("epsilon_counting_every_candidate", "ε counting every candidate", 2),
+        ("acceptance_rate", "acceptance rate", 3),
+        ("skipped_steps", "steps skipped by the denoiser", 1),
+        ("mean_update_scale", "mean update scale", 2),
+    ]
+    print("\n| group | target | " + " | ".join(c[1] for c in extras) + " |")
+    print("|---|---|" + "---|" * len(extras))
+    for r in rows:
+        if any(k in r for k, _, _ in extras):
+            print(
+                f"| {r['group']} | {r['target']} | "
+                + " | ".join(fmt(r.get(k), d) for k, _, d in extras)
+                + " |"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps({"seeds": args.seeds, "command": " ".join(["python", *sys.argv]), "rows": rows}, indent=2)
