@@ -50,6 +50,12 @@ name = "dpsgd"
 id = "dpsgd-momentum0"
 budgets = [4.0, 8.0]
 options = {{ epochs = 10, batch_size = 256, lr = 0.2, momentum = 0.0 }}
+# momentum 0 at lr 0.9: about encoding's lr 0.2 times its denoiser's mean update scale (4.2-4.6)
+[[mechanisms]]
+name = "dpsgd"
+id = "dpsgd-momentum0-lr0.9"
+budgets = [4.0, 8.0]
+options = {{ epochs = 10, batch_size = 256, lr = 0.9, momentum = 0.0 }}
 [[mechanisms]]
 name = "encoding"
 id = "encoding-release"
