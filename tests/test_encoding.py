@@ -449,3 +449,21 @@ def test_a_run_plants_white_box_canaries_only_where_they_stand_for_examples():
     )
     assert _canaries_refused("dpsgd", {"noise_multiplier": 1.0}) is None
     assert _canaries_refused("residual", {}) == "no gradient to plant canaries in"
+
+
+def test_the_denoiser_compares_the_release_with_pure_noise_of_the_same_scale():
+    """An empty lot releases pure noise over M; the denoiser's reference must be noise of that
+    same scale, so their KS distance is small and a strict threshold skips the step (a
+    reference at another scale would look like signal and pass with a full update)."""
+    config = EncodingConfig(
+        noise_multiplier=1.3, noise="gaussian", top_k=50, distance_multiplier=1.0, distance_threshold=0.2
+    )
+    dim = 4000
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(dim // 10 - 1, 10))
+    enc = Encoder(config, dim)
+    plan = DpSgdPlan(0.1, 10, config.noise_multiplier, 8.0)
+    step = enc.gradient(model, plan, torch.Generator().manual_seed(0), Workspace())
+    for _ in range(3):
+        out, _ = step(model, torch.zeros(0, dim // 10 - 1), torch.zeros(0, dtype=torch.long))
+        assert all(bool((t == 0).all()) for t in out.values())
+    assert enc.skipped == 3 and enc.scales == [0.0, 0.0, 0.0]
