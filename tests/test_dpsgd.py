@@ -268,3 +268,16 @@ def test_calibration_matches_the_exact_search_and_model_json_times_its_parts(tmp
     assert t["accounting"] > 0 and t["training"] > 0 and t["evaluation"] > 0
     assert t["training"] + t["accounting"] + t["evaluation"] <= t["total"] + 1e-3
     assert meta["train_seconds"] == t["training"]
+
+
+def test_the_dpsgd_event_accepts_exactly_its_domain():
+    """Sample rate in (0, 1] (1 is full batch), noise multiplier > 0, steps >= 0; each refusal
+    names the argument and the value."""
+    assert dpsgd_event(noise_multiplier=1.0, sample_rate=1.0, steps=0) is not None
+    for rate in (0.0, -0.1, 1.0 + 1e-9, 1.5):
+        with pytest.raises(ValueError, match=rf"sample_rate must be in \(0, 1\], got {rate}"):
+            dpsgd_event(noise_multiplier=1.0, sample_rate=rate, steps=10)
+    with pytest.raises(ValueError, match="noise_multiplier must be > 0, got 0.0"):
+        dpsgd_event(noise_multiplier=0.0, sample_rate=0.5, steps=10)
+    with pytest.raises(ValueError, match="steps must be >= 0, got -1"):
+        dpsgd_event(noise_multiplier=1.0, sample_rate=0.5, steps=-1)
