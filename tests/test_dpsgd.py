@@ -41,14 +41,17 @@ def test_physical_chunks_do_not_change_the_result():
     model = build_model("mlp", (1, 8, 8), 10, seed=0).double()
     x, y = torch.rand(50, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (50,))
     kw = dict(clip_norm=0.1, noise_multiplier=1.0, expected_batch_size=40.0)
-    a, _ = noisy_gradient(
+    a, loss_a = noisy_gradient(
         model, x, y, generator=torch.Generator().manual_seed(1), physical_batch_size=50, **kw
     )
-    b, _ = noisy_gradient(
+    b, loss_b = noisy_gradient(
         model, x, y, generator=torch.Generator().manual_seed(1), physical_batch_size=7, **kw
     )
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=1e-10, atol=1e-13)
+    # the lot's summed loss (a diagnostic) adds up over the chunks too
+    whole = float(F.cross_entropy(model(x), y, reduction="sum"))
+    assert loss_a == pytest.approx(whole, rel=1e-10) and loss_b == pytest.approx(whole, rel=1e-10)
 
 
 def test_noise_has_std_sigma_c_over_expected_batch():
