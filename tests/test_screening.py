@@ -126,6 +126,10 @@ def test_forced_acceptance_after_max_rejections():
 def test_acceptance_probability_follows_exp_minus_de_k_t(delta_e, accepted, rate):
     p = math.exp(-delta_e * rate * accepted)
     assert acceptance_probability(delta_e, accepted, rate) == pytest.approx(p, rel=1e-15)
+    # a loss that does not rise: probability exactly 1
+    assert (
+        acceptance_probability(-delta_e, accepted, rate) == 1.0 == acceptance_probability(0.0, accepted, rate)
+    )
     rng = np.random.default_rng(0)
     n, hits = 20_000, 0
     for u in rng.random(n):
