@@ -120,6 +120,10 @@ def test_forced_acceptance_after_max_rejections():
     c = Annealer(rate=1e6, max_rejections=5)
     c.decide(1.0, 0.5)
     assert c.decide(-1e-9, 0.999) and c.decide(0.0, 0.999)  # a loss that does not rise is accepted
+    d = Annealer(rate=1e6, max_rejections=2)
+    d.decide(1.0, 0.5)
+    assert [d.decide(1.0, 0.5) for _ in range(2)] == [False, False]
+    assert d.decide(-1.0, 0.5) and d.forced == 0  # due for forcing, but accepted on its merits
 
 
 @pytest.mark.parametrize("delta_e, accepted, rate", [(0.02, 3, 10.0), (0.5, 1, 1.0), (0.001, 200, 10.0)])
