@@ -318,3 +318,14 @@ def test_a_rejection_restores_the_optimizer_state_as_each_variant_says(
     )
     assert meta["extras"]["candidate_steps"] > meta["extras"]["accepted_steps"]  # some rejections happened
     assert calls and set(calls) == {restores_optimizer}
+
+
+def test_the_noisy_test_draws_its_noise_from_the_training_generator():
+    """Reproducible from the run's seed whatever torch's global generator does in between."""
+    before = after = torch.zeros(5, dtype=torch.float64)
+    kw = dict(clip=0.1, noise_multiplier=2.0, expected_size=5)
+    torch.manual_seed(1)
+    a = noisy_loss_change(before, after, generator=torch.Generator().manual_seed(3), **kw)
+    torch.manual_seed(2)
+    b = noisy_loss_change(before, after, generator=torch.Generator().manual_seed(3), **kw)
+    assert a == b != 0.0
