@@ -101,10 +101,19 @@ def _threshold_counts(s: np.ndarray, inc: np.ndarray, thresholds: np.ndarray) ->
     return fp, len(neg), fn, len(pos)
 
 
-def _cp_vector(fp: np.ndarray, n0: int, fn: np.ndarray, p: int, delta: float, alpha: float) -> np.ndarray:
-    """Vectorised ``epsilon_lower_bound`` (both directions), for choosing thresholds."""
+def _cp_uppers(
+    fp: np.ndarray, n0: int, fn: np.ndarray, p: int, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One-sided Clopper-Pearson upper bounds on FPR and FNR at level alpha/2 each (1 when
+    every trial is an error), vectorised ``_cp_upper``."""
     fpr_u = np.where(fp >= n0, 1.0, stats.beta.ppf(1 - alpha / 2, fp + 1, np.maximum(n0 - fp, 1)))
     fnr_u = np.where(fn >= p, 1.0, stats.beta.ppf(1 - alpha / 2, fn + 1, np.maximum(p - fn, 1)))
+    return fpr_u, fnr_u
+
+
+def _cp_vector(fp: np.ndarray, n0: int, fn: np.ndarray, p: int, delta: float, alpha: float) -> np.ndarray:
+    """Vectorised ``epsilon_lower_bound`` (both directions), for choosing thresholds."""
+    fpr_u, fnr_u = _cp_uppers(fp, n0, fn, p, alpha)
     with np.errstate(divide="ignore", invalid="ignore"):
         a = np.log(np.clip(1 - delta - fnr_u, 0, None) / fpr_u)
         b = np.log(np.clip(1 - delta - fpr_u, 0, None) / fnr_u)
@@ -112,8 +121,8 @@ def _cp_vector(fp: np.ndarray, n0: int, fn: np.ndarray, p: int, delta: float, al
 
 
 def _gdp_mu_vector(fp: np.ndarray, n0: int, fn: np.ndarray, p: int, alpha: float) -> np.ndarray:
-    fpr_u = np.where(fp >= n0, 1.0, stats.beta.ppf(1 - alpha / 2, fp + 1, np.maximum(n0 - fp, 1)))
-    fnr_u = np.where(fn >= p, 1.0, stats.beta.ppf(1 - alpha / 2, fn + 1, np.maximum(p - fn, 1)))
+    """Vectorised ``gdp_mu_lower_bound``, for choosing thresholds."""
+    fpr_u, fnr_u = _cp_uppers(fp, n0, fn, p, alpha)
     with np.errstate(divide="ignore", invalid="ignore"):
         mu = -special.ndtri(fpr_u) - special.ndtri(fnr_u)
     return np.nan_to_num(np.maximum(mu, 0.0), nan=0.0, neginf=0.0, posinf=0.0)
