@@ -30,17 +30,14 @@ import numpy as np
 
 CNN = 'model = "cnn"\nqueries = 2'
 ATTACK = '[attack]\nattacks = ["loss"]\nreferences = 0\nresamples = 1000'
+MNIST5K_CNN = f'[data]\ndataset = "mnist5k"\n[target]\n{CNN}\n{ATTACK}'
 
 GROUPS: dict[str, str] = {
     # the encoding_lira.toml setting: 10 epochs (100 steps), batch 256, lr 0.2; encoding with
     # the release's momentum 0, DP-SGD with its default momentum 0.9 (as in that file) and
     # with momentum 0 (the same optimizer as encoding)
     "encoding": f"""
-[data]
-dataset = "mnist5k"
-[target]
-{CNN}
-{ATTACK}
+{MNIST5K_CNN}
 [[mechanisms]]
 name = "dpsgd"
 budgets = [4.0, 8.0]
@@ -77,11 +74,7 @@ inputs = 0
 """,
     # the screening_lira.toml setting: 20 epochs, batch 256, lr 0.2, momentum 0.9 (the default)
     "screening": f"""
-[data]
-dataset = "mnist5k"
-[target]
-{CNN}
-{ATTACK}
+{MNIST5K_CNN}
 [[mechanisms]]
 name = "dpsgd"
 budgets = [8.0]
