@@ -467,3 +467,23 @@ def test_the_denoiser_compares_the_release_with_pure_noise_of_the_same_scale():
         out, _ = step(model, torch.zeros(0, dim // 10 - 1), torch.zeros(0, dtype=torch.long))
         assert all(bool((t == 0).all()) for t in out.values())
     assert enc.skipped == 3 and enc.scales == [0.0, 0.0, 0.0]
+
+
+def test_student_t_noise_multiplier_composes_each_coordinates_mu_at_its_standardised_shift():
+    """Oracle: 1 / sqrt(sum_i mu_i^2) with mu_i computed directly at bounds_i / scale (no
+    level grid); the grid rounds shifts up by at most 1%, so the result is at most the direct
+    one and within a few percent of it. A zero bound adds nothing; the scale divides."""
+    bounds = np.array([0.9, 0.5, 0.31, 0.2, 0.05, 0.012])
+    for scale in (0.7, 2.5):
+        direct = 1 / math.sqrt(sum(student_t_gdp_mu(b / scale, 9.0) ** 2 for b in bounds))
+        got = student_t_noise_multiplier(bounds, scale, 9.0)
+        assert 0.97 * direct <= got <= direct
+        assert student_t_noise_multiplier(np.append(bounds, 0.0), scale, 9.0) == got
+    one = student_t_noise_multiplier(np.array([0.4]), 1.0, 9.0)
+    assert one == pytest.approx(1 / student_t_gdp_mu(0.4, 9.0), rel=0.02) and one <= 1 / student_t_gdp_mu(
+        0.4, 9.0
+    )
+    assert student_t_noise_multiplier(np.zeros(3), 1.0, 9.0) == math.inf
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"noise scale must be > 0, got {bad}"):
+            student_t_noise_multiplier(bounds, bad, 9.0)
