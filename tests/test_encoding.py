@@ -473,7 +473,7 @@ def test_student_t_noise_multiplier_composes_each_coordinates_mu_at_its_standard
     """Oracle: 1 / sqrt(sum_i mu_i^2) with mu_i computed directly at bounds_i / scale (no
     level grid); the grid rounds shifts up by at most 1%, so the result is at most the direct
     one and within a few percent of it. A zero bound adds nothing; the scale divides."""
-    bounds = np.array([0.9, 0.5, 0.31, 0.2, 0.05, 0.012])
+    bounds = np.array([0.9, 0.5, 0.5, 0.5, 0.31, 0.2, 0.05, 0.012])  # a level shared by three
     for scale in (0.7, 2.5):
         direct = 1 / math.sqrt(sum(student_t_gdp_mu(b / scale, 9.0) ** 2 for b in bounds))
         got = student_t_noise_multiplier(bounds, scale, 9.0)
