@@ -479,6 +479,9 @@ def test_student_t_noise_multiplier_composes_each_coordinates_mu_at_its_standard
         got = student_t_noise_multiplier(bounds, scale, 9.0)
         assert 0.97 * direct <= got <= direct
         assert student_t_noise_multiplier(np.append(bounds, 0.0), scale, 9.0) == got
+        # shifts below 1e-4 of the largest count as that floor (conservative, fewer levels)
+        floor = student_t_noise_multiplier(np.append(bounds, 0.9e-4), scale, 9.0)
+        assert student_t_noise_multiplier(np.append(bounds, 1e-9), scale, 9.0) == floor < got
     one = student_t_noise_multiplier(np.array([0.4]), 1.0, 9.0)
     assert one == pytest.approx(1 / student_t_gdp_mu(0.4, 9.0), rel=0.02) and one <= 1 / student_t_gdp_mu(
         0.4, 9.0
