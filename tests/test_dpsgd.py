@@ -127,6 +127,29 @@ def test_calibration_lands_within_one_percent_below_target(target):
     assert 0.99 * target <= eps <= target
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_calibration_is_tight_with_either_accountant_and_refuses_just_below_the_reachable(accountant):
+    q, steps = 0.05, 300
+    event = lambda s: dpsgd_event(noise_multiplier=s, sample_rate=q, steps=steps)  # noqa: E731
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=2.0, delta=1e-5, make_event=event, accountant=accountant
+    )
+    assert 0.99 * 2.0 <= _reference_epsilon(q, sigma, steps, 1e-5, accountant) <= 2.0
+    floor = _reference_epsilon(q, SIGMA_RANGE[1], steps, 1e-5, accountant)  # the smallest reachable
+    with pytest.raises(ValueError, match="smallest reachable epsilon"):
+        calibrate_noise_multiplier(
+            target_epsilon=0.99 * floor, delta=1e-5, make_event=event, accountant=accountant
+        )
+
+
+def test_the_coarse_search_accountant_never_reports_less_than_the_exact_one():
+    """The PLD search's coarse discretisation stays pessimistic, so its sigma already meets the
+    target under the exact accountant (the confirmation after it is a safety net)."""
+    for q, s, steps in [(0.1024, 1.15, 200), (0.05, 0.8, 500), (0.2, 3.0, 100), (0.01, 0.6, 2000)]:
+        ev = dpsgd_event(noise_multiplier=s, sample_rate=q, steps=steps)
+        assert epsilon(ev, delta=1e-5, accountant="pld-search") >= epsilon(ev, delta=1e-5, accountant="pld")
+
+
 def test_unreachable_target_names_the_smallest_reachable_epsilon():
     with pytest.raises(ValueError, match="smallest reachable epsilon") as err:
         calibrate_noise_multiplier(
