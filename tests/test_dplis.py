@@ -64,8 +64,8 @@ def _oracle(model, x, y, *, sigma_s, k, clip, sigma, b, seed):
     return total
 
 
-@pytest.mark.parametrize("physical", [1024, 4])
-def test_perturbations_are_shared_by_the_lot_and_match_a_loop(physical):
+@pytest.mark.parametrize("physical,engine", [(1024, "auto"), (4, "auto"), (4, "vmap")])
+def test_perturbations_are_shared_by_the_lot_and_match_a_loop(physical, engine):
     model, x, y = _setup()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     got, _ = smoothed_noisy_gradient(
@@ -79,6 +79,7 @@ def test_perturbations_are_shared_by_the_lot_and_match_a_loop(physical):
         smooth_samples=3,
         generator=torch.Generator().manual_seed(3),
         physical_batch_size=physical,
+        engine=engine,
     )
     want = _oracle(model, x, y, sigma_s=0.05, k=3, clip=0.5, sigma=1.0, b=8.0, seed=3)
     for n in want:

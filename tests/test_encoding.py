@@ -490,3 +490,21 @@ def test_student_t_noise_multiplier_composes_each_coordinates_mu_at_its_standard
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match=f"noise scale must be > 0, got {bad}"):
             student_t_noise_multiplier(bounds, bad, 9.0)
+
+
+@pytest.mark.parametrize("law", ["gaussian", "laplace", "studentt"])
+def test_sample_noise_is_centred_at_zero_with_the_stated_scale(law):
+    """Each law at a small scale: the median is 0 (a shifted location would move it by the
+    shift) and the spread matches the law's own quantiles."""
+    from mechanisms.encoding import sample_noise
+
+    draws = sample_noise(law, 0.1, 9.0, 40_000, np.random.default_rng(0))
+    dist = {
+        "gaussian": stats.norm(scale=0.1),
+        "laplace": stats.laplace(scale=0.1),
+        "studentt": stats.t(9, scale=0.1),
+    }[law]
+    assert abs(np.median(draws)) < 0.005
+    assert stats.kstest(draws, dist.cdf).pvalue > 1e-3
+    with pytest.raises(ValueError, match="unknown noise law 'cauchy'"):
+        sample_noise("cauchy", 0.1, 9.0, 3, np.random.default_rng(0))
