@@ -201,3 +201,21 @@ def test_the_training_gradient_passes_every_option_through(reduce):
     )
     # with a clip norm that does not bind, the reduction matters (sum = K x mean before noise)
     assert any(not torch.allclose(got[k], other[k]) for k in want)
+
+
+def test_the_mean_reduction_is_the_sum_over_k_before_clipping():
+    """With no clipping binding and no noise, reduce="mean" gives exactly the "sum" gradient
+    over K (the same perturbations from the same seed)."""
+    model, x, y = _setup()
+    kw = dict(
+        clip_norm=1e9, noise_multiplier=0.0, expected_batch_size=8.0, smooth_sigma=0.05, smooth_samples=4
+    )
+    total, _ = smoothed_noisy_gradient(
+        model, x, y, generator=torch.Generator().manual_seed(5), reduce="sum", **kw
+    )
+    mean, _ = smoothed_noisy_gradient(
+        model, x, y, generator=torch.Generator().manual_seed(5), reduce="mean", **kw
+    )
+    for n in total:
+        torch.testing.assert_close(mean[n], total[n] / 4, rtol=1e-9, atol=1e-12)
+        assert total[n].abs().max() > 0
