@@ -167,5 +167,6 @@ def test_sound_screening_decides_on_the_clipped_noisy_test_only(monkeypatch):
         assert (
             kw["noise_multiplier"] == config.validation_noise_multiplier
             and kw["clip"] == config.validation_clip
+            and kw["expected_size"] == config.validation_size  # the expected, not the realised, size
         )
         assert value != pytest.approx(raw, abs=1e-12) and value != pytest.approx(clipped, abs=1e-12)  # noised
