@@ -126,12 +126,10 @@ def run(
     request = _request(config, progress=progress)
     executor = make_executor(config.workers, config.executor)
     todo: list[tuple[Path, TrainRequest]] = []
+    white_box: dict[str, Any] = {}  # target id -> the white-box canary settings it trains with, or None
     for k, (tid, mechanism, options, model) in enumerate(plan, 1):
         tdir = inside(out, "targets", tid)
-        canaries = _gradient_canaries(config, mechanism, options)
-        if config.canaries.enabled and canaries is None and get_mechanism(mechanism).gradient_canaries:
-            reason = _canaries_refused(mechanism, options)
-            logger.warning("target %s: no white-box canaries: %s", tid, reason)
+        canaries = white_box[tid] = _gradient_canaries(config, tid, mechanism, options)
         stale = (tdir / "model.json").is_file() and _changed(tdir, model, mechanism, options, config, data)
         if stale:
             # trained with another recipe: its references and twin are the old recipe's too
@@ -163,7 +161,7 @@ def run(
     if config.canaries.inputs > 0:
         _train_twins(plan, out, config, data, request, executor, progress)
     entries = []
-    for k, (tid, mechanism, options, _model) in enumerate(plan, 1):
+    for k, (tid, _mechanism, _options, _model) in enumerate(plan, 1):
         tdir = inside(out, "targets", tid)
         ck = load_checkpoint(tdir)
         if progress:
@@ -178,7 +176,7 @@ def run(
             request=request,
             tid=tid,
         )
-        if _gradient_canaries(config, mechanism, options) is not None:
+        if white_box[tid] is not None:
             entry["canary_audits"] = audits_for_checkpoint(tdir, ck.meta, delta=config.delta)
         if config.canaries.inputs > 0:
             twin = twin_audit(tdir, data, delta=config.delta, confidence=config.canaries.confidence)
@@ -190,12 +188,17 @@ def run(
     return results
 
 
-def _gradient_canaries(config: RunConfig, mechanism: str, options: dict[str, Any]) -> Any:
-    """The white-box canary settings a target of ``mechanism`` with ``options`` trains with, or
-    None (no gradient, or a setting whose gradient the canaries cannot stand for, such as
-    encoding's microbatches: :func:`canary_notes` says so)."""
+def _gradient_canaries(config: RunConfig, tid: str, mechanism: str, options: dict[str, Any]) -> Any:
+    """The white-box canary settings target ``tid`` (``mechanism`` with ``options``) trains
+    with, or None: none asked for, no gradient, or a setting whose gradient the canaries cannot
+    stand for (encoding's microbatches), which is logged as a warning."""
     c = config.canaries
-    return c if c.enabled and _canaries_refused(mechanism, options) is None else None
+    if not c.enabled:
+        return None
+    reason = _canaries_refused(mechanism, options)
+    if reason is not None and get_mechanism(mechanism).gradient_canaries:
+        logger.warning("target %s: no white-box canaries: %s", tid, reason)
+    return c if reason is None else None
 
 
 def _canaries_refused(mechanism: str, options: dict[str, Any]) -> str | None:

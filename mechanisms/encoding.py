@@ -442,7 +442,7 @@ ENCODING = register_mechanism(
         canaries_refused=lambda config: (
             f"encoding with microbatch_size {config.microbatch_size} encodes microbatches, not the "
             "examples a gradient canary stands for; audit it black-box (input canaries)"
-            if getattr(config, "microbatch_size", 1) > 1
+            if config.microbatch_size > 1
             else None
         ),
     )
