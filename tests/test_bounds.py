@@ -349,3 +349,173 @@ def test_a_bound_writes_every_field_it_is_read_back_by():
     assert j["saturated"] is True and "extra" not in j and j["tests"] == 1
     assert CanaryBound(**{**at_ceiling.__dict__, "ceiling": None}).to_json()["saturated"] is False
     assert CanaryBound(**{**at_ceiling.__dict__, "epsilon_lb": 2.5 - 1e-6}).saturated is False
+
+
+def _naive_best_plan_bound(method, scores, inc, delta, beta):
+    """Every (score, plan) evaluated, nothing pruned: the oracle of ``_calibrated_guesses``."""
+    from attacks.canary_audit import _guess_bound, _guess_counts, _guess_plans, _plan_counts, _ranking
+
+    m, best = len(inc), 0.0
+    for s in scores.values():
+        order = _ranking(s)
+        for f_in, f_out in _guess_plans(method, m):
+            r, v = _guess_counts(order, inc, *_plan_counts(f_in, f_out, m))
+            best = max(best, _guess_bound(method, m, r, v, delta, beta, coarse=True))
+    return best
+
+
+@pytest.mark.parametrize("method", ["one-run", "f-dp-one-run"])
+def test_calibrated_guess_plan_is_the_best_of_every_plan_despite_the_shortcuts(method):
+    """``_calibrated_guesses`` skips plans that cannot win (coin-level precision, a precision
+    whose logit is below the best so far); the plan it returns must still carry the largest
+    bound of all plans. The first case has a coin-level plan (1 of the top 2) between a
+    useless one (the top 1) and good ones, so a search that stopped at it would lose them."""
+    from attacks.canary_audit import _calibrated_guesses, _guess_bound, _guess_counts, _plan_counts, _ranking
+
+    m = 1000
+    crafted = np.zeros(m, dtype=bool)
+    crafted[[0, *range(2, 150)]] = True  # ranked by position: IN, OUT, then 148 IN
+    crafted_scores = -np.arange(m, dtype=float)
+    rng = np.random.default_rng(5)
+    g_scores, g_inc = _gaussian_mechanism_scores(m, 2.0, rng)
+    cases = [
+        ({"s": crafted_scores}, crafted),
+        ({"noise": rng.standard_normal(m), "s": g_scores}, g_inc),  # the second score is the good one
+    ]
+    for scores, inc in cases:
+        name, f_in, f_out = _calibrated_guesses(method, scores, inc, 1e-5, 0.05)
+        r, v = _guess_counts(_ranking(scores[name]), inc, *_plan_counts(f_in, f_out, m))
+        chosen = _guess_bound(method, m, r, v, 1e-5, 0.05, coarse=True)
+        assert chosen == _naive_best_plan_bound(method, scores, inc, 1e-5, 0.05) > 0
+        if method == "f-dp-one-run":
+            assert f_out == 0.0  # its analysis is for IN guesses only
+
+
+def test_the_calibrated_score_is_the_one_audited_and_the_counts_and_ceiling_are_its_own():
+    """The score chosen on calibration canaries is the one applied to the audited canaries,
+    even when it is not the first offered; the reported guess counts recount to the reported
+    guesses and correct guesses, and the ceiling is the bound with every guess correct."""
+    from attacks.canary_audit import _guess_counts, _ranking
+
+    rng = np.random.default_rng(6)
+    s, inc = _gaussian_mechanism_scores(4000, 1.5, rng)
+    cs, ci = _gaussian_mechanism_scores(4000, 1.5, rng)
+    scores = {"noise": rng.standard_normal(4000), "s": s}
+    cal = ({"noise": rng.standard_normal(4000), "s": cs}, ci)
+    by = {b.method: b for b in audit_canaries(scores, inc, delta=1e-5, calibration=cal, independent=True)}
+    for method in ("one-run", "f-dp-one-run"):
+        b = by[method]
+        c = b.counts
+        assert b.score == "s" and b.tests == 1 and c["guessed_in"] != c["guessed_out"]
+        assert _guess_counts(_ranking(scores["s"]), inc, c["guessed_in"], c["guessed_out"]) == (
+            c["guesses"],
+            c["correct"],
+        )
+        bound = one_run_epsilon_lower_bound if method == "one-run" else fdp_one_run_epsilon
+        assert b.ceiling == bound(c["canaries"], c["guesses"], c["guesses"], delta=1e-5, beta=0.05)
+    for method in ("clopper-pearson", "gdp-estimate"):
+        assert by[method].score == "s"
+
+
+def test_without_calibration_the_fixed_plans_are_the_documented_ones():
+    from attacks.canary_audit import BONFERRONI_PLANS, _guess_counts, _plan_counts, _ranking
+
+    rng = np.random.default_rng(7)
+    s, inc = _gaussian_mechanism_scores(3000, 1.0, rng)
+    one = next(b for b in audit_canaries({"s": s}, inc, delta=1e-5) if b.method == "one-run")
+    assert one.tests == len(BONFERRONI_PLANS)
+    c = one.counts
+    assert (c["guessed_in"], c["guessed_out"]) in [_plan_counts(f, o, 3000) for f, o in BONFERRONI_PLANS]
+    assert c["guessed_in"] != c["guessed_out"]  # so a swap of the two would show
+    assert _guess_counts(_ranking(s), inc, c["guessed_in"], c["guessed_out"]) == (c["guesses"], c["correct"])
+    assert one.ceiling == one_run_epsilon_lower_bound(
+        3000, c["guesses"], c["guesses"], delta=1e-5, beta=0.05 / one.tests
+    )
+    best = max(
+        one_run_epsilon_lower_bound(
+            3000, *_guess_counts(_ranking(s), inc, *_plan_counts(f, o, 3000)), delta=1e-5, beta=0.05 / 7
+        )
+        for f, o in BONFERRONI_PLANS
+    )
+    assert one.epsilon_lb == best > 0
+
+
+def _naive_threshold_criterion(s, inc, t, criterion, delta, alpha):
+    """The selection criterion at one threshold, from counting and the scalar bounds."""
+    from attacks.canary_audit import SELECTION_STRICTNESS
+
+    guess = s >= t
+    fp, n0, fn, p = int((guess & ~inc).sum()), int((~inc).sum()), int((~guess & inc).sum()), int(inc.sum())
+    a = alpha * SELECTION_STRICTNESS
+    if criterion == "clopper-pearson":
+        return epsilon_lower_bound(fp, n0, fn, p, delta=delta, alpha=a)
+    return gdp_mu_lower_bound(fp, n0, fn, p, alpha=a)
+
+
+def _check_threshold_bound(b, s_eval, inc_eval, s_sel, inc_sel, delta=1e-5, beta=0.05):
+    """A threshold bound against counting: its threshold maximises the criterion on the
+    selection canaries, its counts are those of "IN iff score >= threshold" on the evaluated
+    canaries, and its epsilon, ceiling and mu are the scalar bounds of those counts."""
+    t = b.extra["threshold"]
+    values = [_naive_threshold_criterion(s_sel, inc_sel, u, b.method, delta, beta) for u in np.unique(s_sel)]
+    assert _naive_threshold_criterion(s_sel, inc_sel, t, b.method, delta, beta) == pytest.approx(
+        max(values), rel=1e-9
+    )
+    guess = s_eval >= t
+    fp, fn = int((guess & ~inc_eval).sum()), int((~guess & inc_eval).sum())
+    n0, p = int((~inc_eval).sum()), int(inc_eval.sum())
+    assert b.counts == {"fp": fp, "negatives": n0, "fn": fn, "positives": p}
+    if b.method == "clopper-pearson":
+        assert b.epsilon_lb == epsilon_lower_bound(fp, n0, fn, p, delta=delta, alpha=beta)
+        assert b.ceiling == epsilon_lower_bound(0, n0, 0, p, delta=delta, alpha=beta)
+    else:
+        mu = gdp_mu_lower_bound(fp, n0, fn, p, alpha=beta)
+        assert b.extra["mu_lb"] == mu and b.epsilon_lb == gdp_epsilon(mu, delta) and b.ceiling is None
+
+
+def test_threshold_bounds_against_counting_with_calibration():
+    """Scores rounded to one decimal, so audited scores tie with the threshold (``>=`` counts)."""
+    rng = np.random.default_rng(8)
+    s, inc = _gaussian_mechanism_scores(1501, 1.5, rng)
+    cs, ci = _gaussian_mechanism_scores(1501, 1.5, rng)
+    s, cs = np.round(s, 1), np.round(cs, 1)
+    bounds = audit_canaries({"s": s}, inc, delta=1e-5, calibration=({"s": cs}, ci), independent=True)
+    checked = [b for b in bounds if b.method in ("clopper-pearson", "gdp-estimate")]
+    assert len(checked) == 2
+    for b in checked:
+        assert np.isin(b.extra["threshold"], s)  # a tie with audited scores exists
+        _check_threshold_bound(b, s, inc, cs, ci)
+
+
+def test_threshold_bounds_against_counting_without_calibration():
+    """The threshold is chosen on a fixed half of each class (an odd count of each, so the
+    halves differ in size) and evaluated on the other half only."""
+    from attacks.canary_audit import _selection_half
+
+    rng = np.random.default_rng(9)
+    inc = np.zeros(2001, dtype=bool)
+    inc[rng.permutation(2001)[:999]] = True  # 999 included, 1002 excluded
+    s = np.round(rng.standard_normal(2001) + 1.5 * inc, 1)
+    pick = _selection_half(inc)
+    assert np.array_equal(pick, _selection_half(inc))  # reproducible
+    assert (pick & inc).sum() == 999 // 2 and (pick & ~inc).sum() == 1002 // 2
+    bounds = audit_canaries({"s": s}, inc, delta=1e-5, independent=True)
+    assert [b.to_json() for b in bounds] == [
+        b.to_json() for b in audit_canaries({"s": s}, inc, delta=1e-5, independent=True)
+    ]
+    checked = [b for b in bounds if b.method in ("clopper-pearson", "gdp-estimate")]
+    assert len(checked) == 2
+    for b in checked:
+        _check_threshold_bound(b, s[~pick], inc[~pick], s[pick], inc[pick])
+
+
+def test_null_scores_give_nothing_without_calibration_either():
+    """Without calibration the threshold is chosen on one half and evaluated on the other; a
+    threshold evaluated where it was chosen would find leakage in pure noise."""
+    rng = np.random.default_rng(10)
+    positive = {"one-run": 0, "f-dp-one-run": 0, "clopper-pearson": 0, "gdp-estimate": 0}
+    for _ in range(40):
+        s, inc = rng.standard_normal(2000), rng.random(2000) < 0.5
+        for b in audit_canaries({"s": s}, inc, delta=1e-5, independent=True):
+            positive[b.method] += b.epsilon_lb > 0
+    assert all(count <= 8 for count in positive.values()), positive
