@@ -214,6 +214,9 @@ def test_bad_audit_input(kwargs, message):
         audit_canaries({"s": np.r_[s[:-1], np.nan]}, inc, delta=1e-5)
     with pytest.raises(ValueError, match="included and excluded"):
         audit_canaries({"s": s}, np.ones(10, bool), delta=1e-5)
+    with pytest.raises(ValueError, match="boolean"):  # 0/1 is accepted, 2 is not
+        audit_canaries({"s": s}, np.arange(10) % 3, delta=1e-5)
+    assert audit_canaries({"s": s}, np.arange(10) % 2, delta=1e-5)
 
 
 def test_recompute_splits_the_confidence_over_the_tests_and_uses_the_bounds_delta():
@@ -382,11 +385,15 @@ def test_calibrated_guess_plan_is_the_best_of_every_plan_despite_the_shortcuts(m
         ({"s": crafted_scores}, crafted),
         ({"noise": rng.standard_normal(m), "s": g_scores}, g_inc),  # the second score is the good one
     ]
+    # few canaries: each plan's count rounds visibly, so a plan must be valued at the true count
+    small = [_gaussian_mechanism_scores(25, 2.0, rng) for _ in range(30)]
+    cases += [({"s": s}, inc) for s, inc in small if 0 < inc.sum() < 25]
     for scores, inc in cases:
         name, f_in, f_out = _calibrated_guesses(method, scores, inc, 1e-5, 0.05)
-        r, v = _guess_counts(_ranking(scores[name]), inc, *_plan_counts(f_in, f_out, m))
-        chosen = _guess_bound(method, m, r, v, 1e-5, 0.05, coarse=True)
-        assert chosen == _naive_best_plan_bound(method, scores, inc, 1e-5, 0.05) > 0
+        r, v = _guess_counts(_ranking(scores[name]), inc, *_plan_counts(f_in, f_out, len(inc)))
+        chosen = _guess_bound(method, len(inc), r, v, 1e-5, 0.05, coarse=True)
+        assert chosen == _naive_best_plan_bound(method, scores, inc, 1e-5, 0.05)
+        assert chosen > 0 or len(inc) == 25
         if method == "f-dp-one-run":
             assert f_out == 0.0  # its analysis is for IN guesses only
 
@@ -473,17 +480,21 @@ def _check_threshold_bound(b, s_eval, inc_eval, s_sel, inc_sel, delta=1e-5, beta
         assert b.extra["mu_lb"] == mu and b.epsilon_lb == gdp_epsilon(mu, delta) and b.ceiling is None
 
 
-def test_threshold_bounds_against_counting_with_calibration():
-    """Scores rounded to one decimal, so audited scores tie with the threshold (``>=`` counts)."""
-    rng = np.random.default_rng(8)
+@pytest.mark.parametrize("seed, rounded", [(8, True), (11, False)])
+def test_threshold_bounds_against_counting_with_calibration(seed, rounded):
+    """Rounded to one decimal, audited scores tie with the threshold (``>=`` counts); the
+    continuous case (seed 11) is one where the plain criterion (alpha, not alpha times
+    SELECTION_STRICTNESS) would choose other thresholds for both methods."""
+    rng = np.random.default_rng(seed)
     s, inc = _gaussian_mechanism_scores(1501, 1.5, rng)
     cs, ci = _gaussian_mechanism_scores(1501, 1.5, rng)
-    s, cs = np.round(s, 1), np.round(cs, 1)
+    if rounded:
+        s, cs = np.round(s, 1), np.round(cs, 1)
     bounds = audit_canaries({"s": s}, inc, delta=1e-5, calibration=({"s": cs}, ci), independent=True)
     checked = [b for b in bounds if b.method in ("clopper-pearson", "gdp-estimate")]
     assert len(checked) == 2
     for b in checked:
-        assert np.isin(b.extra["threshold"], s)  # a tie with audited scores exists
+        assert np.isin(b.extra["threshold"], s) or not rounded  # a tie with audited scores exists
         _check_threshold_bound(b, s, inc, cs, ci)
 
 
@@ -519,3 +530,25 @@ def test_null_scores_give_nothing_without_calibration_either():
         for b in audit_canaries({"s": s}, inc, delta=1e-5, independent=True):
             positive[b.method] += b.epsilon_lb > 0
     assert all(count <= 8 for count in positive.values()), positive
+
+
+def test_guess_plan_helpers_follow_their_documentation():
+    """The small helpers behind every guess plan, at their edges: counts round to nearest (at
+    least one guess), IN and OUT guesses never share a canary, two-sided plans go up to a
+    quarter each side, f-DP keeps one-sided plans up to FDP_MAX_GUESSES guesses inclusive, and
+    ties in the ranking keep the canaries' order."""
+    from attacks.canary_audit import FDP_MAX_GUESSES, _guess_plans, _plan_counts, _ranking
+
+    assert _plan_counts(0.005, 0.0, 300) == (2, 0)  # 1.5 rounds to 2
+    assert _plan_counts(0.001, 0.0, 300) == (1, 0)  # 0.3 rounds to 0, raised to one guess
+    assert _plan_counts(0.5, 0.5, 3) == (2, 1)  # 2 + 2 would guess a canary twice
+    assert _plan_counts(0.2, 0.2, 10) == (2, 2)
+    plans = _guess_plans("one-run", 1000, fractions=(0.1, 0.25, 0.3))
+    assert plans == [(0.1, 0.0), (0.25, 0.0), (0.3, 0.0), (0.1, 0.1), (0.25, 0.25)]
+    assert _guess_plans("one-run", 1000, plans=[(0.3, 0.3)]) == [(0.3, 0.3)]
+    at_cap = 2 * FDP_MAX_GUESSES
+    assert _guess_plans("f-dp-one-run", at_cap, fractions=(0.5, 0.6)) == [(0.5, 0.0)]
+    assert _guess_plans("f-dp-one-run", 1000, plans=[(0.2, 0.2), (0.2, 0.0)]) == [(0.2, 0.0)]
+    s = np.zeros(100)
+    s[::3] = 1.0
+    assert list(_ranking(s)) == list(range(0, 100, 3)) + [i for i in range(100) if i % 3]

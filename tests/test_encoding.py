@@ -107,6 +107,19 @@ def _noise_only(config, dim=4000):
     return enc, torch.cat([t.flatten() for t in out.values()]).double().numpy() * 8.0
 
 
+def test_student_t_noise_multiplier_never_rounds_a_shift_down_and_keeps_one_on_a_level():
+    """A shift exactly on a level is used as it is; shifts 1.01**k whose level numpy's
+    ``ceil(log(u) / log(1.01))`` puts one step low (float error) are moved up a level, never
+    down. The float cases are found here with the same numpy expression, so the test is not
+    vacuous (there are dozens between 1.01**-300 and 1.01**100)."""
+    assert student_t_noise_multiplier(np.array([1.0]), 1.0, 9.0) == 1 / student_t_gdp_mu(1.0, 9.0)
+    u = np.array([1.01**k for k in range(-300, 100)])
+    low = u[1.01 ** np.ceil(np.log(u) / math.log(1.01)) < u]
+    assert len(low) >= 5
+    for shift in low[:: max(1, len(low) // 5)]:
+        assert student_t_noise_multiplier(np.array([shift]), 1.0, 9.0) <= 1 / student_t_gdp_mu(shift, 9.0)
+
+
 @pytest.mark.parametrize("law", ["gaussian", "laplace", "studentt"])
 def test_noise_covers_every_coordinate_with_the_stated_law_and_scale(law):
     config = EncodingConfig(noise_multiplier=1.3, noise=law, quant_clip=2.0, top_k=50, denoise=False)
@@ -215,6 +228,44 @@ def test_student_t_gdp_mu_dominates_the_exact_curve_everywhere(shift):
     assert (gaussian_delta(eps, mu) >= student_t_delta(eps, shift, 9) - 1e-15).all()
     # and it is not loose: 2% less mu already violates somewhere
     assert (gaussian_delta(eps, 0.98 * mu) < student_t_delta(eps, shift, 9)).any()
+
+
+@pytest.mark.parametrize("shift,df", [(0.005, 9.0), (0.3, 9.0), (1.5, 9.0), (4.0, 3.0), (0.7, 30.0)])
+def test_student_t_max_loss_is_the_supremum_of_the_privacy_loss(shift, df):
+    """Oracle: log p_t(x - v) - log p_t(x) (scipy's t density) maximised numerically. The
+    supremum is where the Gaussian-DP search's grid ends: above it delta_t is 0, just below
+    it is positive."""
+    from scipy import optimize
+
+    def loss(x):
+        return stats.t.logpdf(x - shift, df) - stats.t.logpdf(x, df)
+
+    xs = np.linspace(-5 * shift - 20, 5 * shift + 20, 200_001)
+    at = xs[np.argmax(loss(xs))]
+    best = optimize.minimize_scalar(lambda x: -loss(x), bracket=(at - 0.01, at, at + 0.01), tol=1e-12)
+    top = student_t_max_loss(shift, df)
+    assert top == pytest.approx(-best.fun, rel=1e-9) and top >= loss(xs).max() - 1e-12
+    assert student_t_delta(np.array([top * (1 - 1e-3)]), shift, df)[0] > 0
+    assert student_t_delta(np.array([top * (1 + 1e-6)]), shift, df)[0] == 0
+
+
+@pytest.mark.parametrize("shift", [0.005, 0.2, 1.5])
+def test_student_t_gdp_mu_meets_every_constraint_of_its_grid_with_its_margin(shift):
+    """The docstring's argument needs delta_G(e_{i+1}; mu) >= delta_t(e_i) at every edge of
+    the grid up to the supremum of the loss, and mu rounded up past the bisection's last
+    step. The grid recomputed here; the returned mu meets every constraint, and mu less its
+    1e-9 margin does not (so the margin is what covers the bisection's float error)."""
+    mu = student_t_gdp_mu(shift, 9.0)
+    edges = np.linspace(0.0, student_t_max_loss(shift, 9.0), 401)
+    need = student_t_delta(edges[:-1], shift, 9.0)
+    assert (need > 0).all()
+    assert (gaussian_delta(edges[1:], mu) >= need).all()
+    assert not (gaussian_delta(edges[1:], mu / (1 + 2e-9)) >= need).all()
+
+
+def test_student_t_gdp_mu_of_no_shift_is_zero():
+    assert student_t_gdp_mu(0.0, 9.0) == 0.0
+    assert student_t_gdp_mu(1.0, 9.0) > student_t_gdp_mu(0.5, 9.0) > 0.0
 
 
 def test_student_t_accounting_upper_bounds_a_monte_carlo_estimate():
@@ -478,6 +529,9 @@ def test_student_t_noise_multiplier_composes_each_coordinates_mu_at_its_standard
         direct = 1 / math.sqrt(sum(student_t_gdp_mu(b / scale, 9.0) ** 2 for b in bounds))
         got = student_t_noise_multiplier(bounds, scale, 9.0)
         assert 0.97 * direct <= got <= direct
+        # each shift is rounded up by at most one level (1%): mu grows with the shift
+        up = 1 / math.sqrt(sum(student_t_gdp_mu(1.01 * b / scale, 9.0) ** 2 for b in bounds))
+        assert up <= got
         assert student_t_noise_multiplier(np.append(bounds, 0.0), scale, 9.0) == got
         # shifts below 1e-4 of the largest count as that floor (conservative, fewer levels)
         floor = student_t_noise_multiplier(np.append(bounds, 0.9e-4), scale, 9.0)
