@@ -203,6 +203,7 @@ def test_without_calibration_the_confidence_is_split_and_clopper_pearson_needs_i
     [
         (dict(delta=0.0), "delta"),
         (dict(delta=1e-5, confidence=1.0), "confidence"),
+        (dict(delta=1e-5, confidence=0.5), "confidence"),
         (dict(delta=1e-5, methods=("nope",)), "unknown bound method"),
     ],
 )
