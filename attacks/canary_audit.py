@@ -22,7 +22,7 @@ from .bounds import (
     gdp_epsilon,
     gdp_mu_lower_bound,
 )
-from .metrics import epsilon_lower_bound, one_run_epsilon_lower_bound
+from .metrics import epsilon_lower_bound, one_run_epsilon_lower_bound, stratified_half
 
 __all__ = ["GUESS_FRACTIONS", "audit_canaries"]
 
@@ -289,17 +289,6 @@ def _guess_method(method, audited, inc, cal, cal_inc, m, delta, beta, confidence
     )
 
 
-def _selection_half(inc: np.ndarray) -> np.ndarray:
-    """A fixed random half (rounded down) of the included and of the excluded canaries (seed 0,
-    so an audit is reproducible): without calibration canaries the threshold is chosen on it
-    and evaluated on the rest."""
-    rng = np.random.default_rng(0)
-    pick = np.zeros(len(inc), dtype=bool)
-    for group in (np.flatnonzero(inc), np.flatnonzero(~inc)):
-        pick[rng.permutation(group)[: len(group) // 2]] = True
-    return pick
-
-
 def _threshold_method(method, audited, inc, cal, cal_inc, delta, beta, confidence, first) -> CanaryBound:
     criterion = "cp" if method == "clopper-pearson" else "gdp"
     if cal is not None:
@@ -308,7 +297,7 @@ def _threshold_method(method, audited, inc, cal, cal_inc, delta, beta, confidenc
         selection = "threshold chosen on calibration canaries"
     else:
         name = first
-        pick = _selection_half(inc)
+        pick = stratified_half(inc, 0)  # seed 0: an audit is reproducible
         s_all = audited[name]
         _, t = _best_threshold({name: s_all[pick]}, inc[pick], criterion, delta, beta)
         s, ev_inc = s_all[~pick], inc[~pick]

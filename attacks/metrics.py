@@ -151,6 +151,16 @@ def _counts_at(scores: np.ndarray, member: np.ndarray, t: float) -> tuple[int, i
     return int((pred & ~member).sum()), int((~member).sum()), int((~pred & member).sum()), int(member.sum())
 
 
+def stratified_half(member: np.ndarray, seed: int) -> np.ndarray:
+    """A random half (rounded down) of the members and of the non-members, drawn with ``seed``:
+    the trials on which a threshold is chosen, the rest being where it is evaluated."""
+    rng = np.random.default_rng(seed)
+    select = np.zeros(len(member), dtype=bool)
+    for group in (np.flatnonzero(member), np.flatnonzero(~member)):
+        select[rng.permutation(group)[: len(group) // 2]] = True
+    return select
+
+
 def split_epsilon_lower_bound(
     scores: Any, is_member: Any, *, delta: float = 1e-5, alpha: float = 0.05, seed: int = 0
 ) -> EpsilonBound:
@@ -160,10 +170,7 @@ def split_epsilon_lower_bound(
     are stratified (half the members and half the non-members in each), drawn with ``seed``.
     """
     s, m = _validate(scores, is_member)
-    rng = np.random.default_rng(seed)
-    select = np.zeros(len(s), dtype=bool)
-    for group in (np.flatnonzero(m), np.flatnonzero(~m)):
-        select[rng.permutation(group)[: len(group) // 2]] = True
+    select = stratified_half(m, seed)
     sa, ma, sb, mb = s[select], m[select], s[~select], m[~select]
     if ma.all() or not ma.any() or mb.all() or not mb.any():
         raise ValueError("too few members or non-members to split for the epsilon bound")

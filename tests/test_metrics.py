@@ -16,6 +16,7 @@ from attacks.metrics import (
     one_run_epsilon_lower_bound,
     roc_curve,
     split_epsilon_lower_bound,
+    stratified_half,
     summarize,
     tpr_at_fpr,
 )
@@ -105,6 +106,58 @@ def test_split_bound_is_chosen_on_one_half_and_flags_saturation():
     rng = np.random.default_rng(0)
     chance = split_epsilon_lower_bound(rng.random(2000), m)
     assert chance.epsilon < 0.5 and not chance.saturated
+
+
+def test_stratified_half_takes_half_of_each_class_reproducibly():
+    member = np.arange(101) < 37  # odd counts: 37 members, 64 non-members
+    a = stratified_half(member, 3)
+    assert (a & member).sum() == 18 and (a & ~member).sum() == 32
+    assert np.array_equal(a, stratified_half(member, 3)) and not np.array_equal(a, stratified_half(member, 4))
+
+
+@pytest.mark.parametrize("delta, alpha", [(1e-5, 0.05), (0.01, 0.2)])
+def test_split_bound_against_counting(delta, alpha):
+    """The threshold maximises the bound over every threshold of the selection half (counted
+    directly, ``>=``); the counts, epsilon and every field are those of that threshold on the
+    other half; the defaults are delta 1e-5, alpha 0.05 and seed 0."""
+    rng = np.random.default_rng(12)
+    m = rng.random(801) < 0.45
+    s = np.round(rng.standard_normal(801) + 1.2 * m, 1)  # ties with the threshold
+    b = split_epsilon_lower_bound(s, m, delta=delta, alpha=alpha, seed=3)
+    assert b == split_epsilon_lower_bound(s, m, delta=delta, alpha=alpha, seed=3)
+    sel = stratified_half(m, 3)
+
+    def counted(scores, member, t):
+        guess = scores >= t
+        return (
+            int((guess & ~member).sum()),
+            int((~member).sum()),
+            int((~guess & member).sum()),
+            int(member.sum()),
+        )
+
+    def bound(counts):
+        return epsilon_lower_bound(*counts, delta=delta, alpha=alpha)
+
+    values = [bound(counted(s[sel], m[sel], t)) for t in np.unique(s[sel])]
+    assert bound(counted(s[sel], m[sel], b.threshold)) == max(values) > 0
+    fp, n0, fn, p = counted(s[~sel], m[~sel], b.threshold)
+    assert (b.fp, b.negatives, b.fn, b.positives) == (fp, n0, fn, p)
+    assert b.epsilon == bound((fp, n0, fn, p)) > 0
+    assert (b.delta, b.alpha, b.method) == (delta, alpha, "clopper-pearson, threshold from a held-out half")
+    assert isinstance(b.threshold, float) and b.saturated is False
+    default = split_epsilon_lower_bound(s, m)
+    assert default == split_epsilon_lower_bound(s, m, delta=1e-5, alpha=0.05, seed=0)
+    assert default != split_epsilon_lower_bound(s, m, delta=1e-5, alpha=0.05, seed=1)
+
+
+def test_split_bound_saturates_only_without_errors_and_needs_two_of_each_class():
+    m = np.arange(200) < 100
+    one_sided = split_epsilon_lower_bound(np.where(m, 1.0, np.arange(200) % 2), m)  # fp > 0, fn = 0
+    assert one_sided.fn == 0 and one_sided.fp > 0 and not one_sided.saturated
+    for member in (np.arange(10) < 1, np.arange(10) < 9):  # one member, one non-member
+        with pytest.raises(ValueError, match="too few members or non-members to split"):
+            split_epsilon_lower_bound(np.arange(10.0), member)
 
 
 def test_one_run_bound():
