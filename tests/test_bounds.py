@@ -99,9 +99,15 @@ def test_fdp_bound_is_valid_for_a_gaussian_mechanism():
     assert over <= 20
 
 
-def test_one_run_bound_against_scipy():
-    """The p-value definition of ATTACKS.md, evaluated with scipy at the returned epsilon."""
-    m, r, v, delta, beta = 5000, 400, 330, 1e-5, 0.05
+@pytest.mark.parametrize(
+    "m, r, v, delta",
+    [(5000, 400, 330, 1e-5), (1000, 100, 70, 1e-5), (20_000, 300, 240, 1e-5), (2000, 200, 150, 0.0)],
+)
+def test_one_run_bound_against_scipy(m, r, v, delta):
+    """The p-value definition of ATTACKS.md, evaluated with scipy: the returned epsilon is
+    below the crossing and within the bisection's 1e-6 of it (cases below and above 1, and
+    ones where the delta term is a large part of the p-value)."""
+    beta = 0.05
     eps = one_run_epsilon_lower_bound(m, r, v, delta=delta, beta=beta)
 
     def p(e):
@@ -112,7 +118,14 @@ def test_one_run_bound_against_scipy():
         ]
         return tail + 2 * m * delta * max(windows)
 
-    assert p(eps) < beta <= p(eps + 1e-3)
+    assert 0 < eps and p(eps) < beta <= p(eps + 1.01e-6)
+
+
+def test_one_run_bound_domain():
+    assert one_run_epsilon_lower_bound(1, 1, 1) == 0.0  # one canary: allowed, proves nothing
+    for bad in [(0, 0, 0), (10, 20, 5), (10, 5, 6), (10, 5, -1)]:
+        with pytest.raises(ValueError, match="need 0 <= correct <= guesses <= canaries"):
+            one_run_epsilon_lower_bound(*bad)
 
 
 def test_null_scores_give_nothing():
