@@ -314,6 +314,7 @@ def test_threshold_candidates_keep_both_tails_and_thin_the_middle():
     tail = THRESHOLD_CANDIDATES // 4
     assert len(t) <= THRESHOLD_CANDIDATES
     assert np.array_equal(t[:tail], s[:tail]) and np.array_equal(t[-tail:], s[-tail:])
+    assert t[tail + 1] > s[tail + 1] and t[-tail - 2] < s[-tail - 2]  # thinned right after each tail
     assert np.all(np.diff(t) > 0) and t[0] == s.min() and t[-1] == s.max()
     assert len(t) > THRESHOLD_CANDIDATES - 5  # the middle is thinned, not dropped
 

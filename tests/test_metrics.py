@@ -115,14 +115,17 @@ def test_stratified_half_takes_half_of_each_class_reproducibly():
     assert np.array_equal(a, stratified_half(member, 3)) and not np.array_equal(a, stratified_half(member, 4))
 
 
-@pytest.mark.parametrize("delta, alpha", [(1e-5, 0.05), (0.01, 0.2)])
-def test_split_bound_against_counting(delta, alpha):
+@pytest.mark.parametrize(
+    "members, signal, delta, alpha", [(0.45, 1.2, 1e-5, 0.05), (0.25, 0.8, 0.01, 0.2), (0.25, 0.8, 0.05, 0.2)]
+)
+def test_split_bound_against_counting(members, signal, delta, alpha):
     """The threshold maximises the bound over every threshold of the selection half (counted
     directly, ``>=``); the counts, epsilon and every field are those of that threshold on the
-    other half; the defaults are delta 1e-5, alpha 0.05 and seed 0."""
+    other half; the defaults are delta 1e-5, alpha 0.05 and seed 0. The last two cases are
+    ones where the choice depends on the non-member count, the delta and a best bound below 1."""
     rng = np.random.default_rng(12)
-    m = rng.random(801) < 0.45
-    s = np.round(rng.standard_normal(801) + 1.2 * m, 1)  # ties with the threshold
+    m = rng.random(801) < members
+    s = np.round(rng.standard_normal(801) + signal * m, 1)  # ties with the threshold
     b = split_epsilon_lower_bound(s, m, delta=delta, alpha=alpha, seed=3)
     assert b == split_epsilon_lower_bound(s, m, delta=delta, alpha=alpha, seed=3)
     sel = stratified_half(m, 3)
@@ -155,6 +158,8 @@ def test_split_bound_saturates_only_without_errors_and_needs_two_of_each_class()
     m = np.arange(200) < 100
     one_sided = split_epsilon_lower_bound(np.where(m, 1.0, np.arange(200) % 2), m)  # fp > 0, fn = 0
     assert one_sided.fn == 0 and one_sided.fp > 0 and not one_sided.saturated
+    nothing = split_epsilon_lower_bound(np.zeros(200), m)  # every threshold bounds 0: "nobody is IN"
+    assert nothing.epsilon == 0.0 and nothing.threshold is None
     for member in (np.arange(10) < 1, np.arange(10) < 9):  # one member, one non-member
         with pytest.raises(ValueError, match="too few members or non-members to split"):
             split_epsilon_lower_bound(np.arange(10.0), member)
