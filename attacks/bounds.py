@@ -43,6 +43,7 @@ from .metrics import epsilon_lower_bound, one_run_epsilon_lower_bound
 __all__ = [
     "METHODS",
     "CanaryBound",
+    "fdp_mu_lower_bound",
     "fdp_one_run_epsilon",
     "fdp_rejects",
     "gaussian_tradeoff",
@@ -157,30 +158,35 @@ def _fdp_falsified(m: int, guesses: int, correct: int, mu: float, beta: float) -
 def fdp_one_run_epsilon(m: int, guesses: int, correct: int, *, delta: float, beta: float = 0.05) -> float:
     """f-DP one-run bound: the largest epsilon whose (epsilon, delta)-Gaussian curve is rejected.
 
-    Searches mu (rejection is monotone in it) to a relative 1e-4, rounded down, then converts
-    the largest rejected mu to epsilon(delta) with dp-accounting. 0 when even mu = 0 is not
-    rejected. Assumes the mechanism is Gaussian-DP.
+    The largest rejected mu (:func:`fdp_mu_lower_bound`) converted to epsilon(delta) with
+    dp-accounting. 0 when even mu = 0 is not rejected. Assumes the mechanism is Gaussian-DP.
 
     >>> fdp_one_run_epsilon(1000, 100, 50, delta=1e-5)
     0.0
     >>> fdp_one_run_epsilon(1000, 100, 100, delta=1e-5) > one_run_epsilon_lower_bound(1000, 100, 100, delta=1e-5)
     True
     """
-    if not (0 <= correct <= guesses <= m) or m <= 0:
-        raise ValueError(f"need 0 <= correct <= guesses <= canaries, got {correct}, {guesses}, {m}")
     if not (0 < delta < 1):
         raise ValueError(f"delta must be in (0, 1), got {delta}")
+    return gdp_epsilon(fdp_mu_lower_bound(m, guesses, correct, beta=beta), delta)
+
+
+def fdp_mu_lower_bound(m: int, guesses: int, correct: int, *, beta: float = 0.05) -> float:
+    """The largest mu whose mu-GDP curve the outcome rejects at level ``beta`` (rejection is
+    monotone in mu), to a relative 1e-4 and rounded down; 0 when even mu = 0 is not rejected."""
+    if not (0 <= correct <= guesses <= m) or m <= 0:
+        raise ValueError(f"need 0 <= correct <= guesses <= canaries, got {correct}, {guesses}, {m}")
     if not _fdp_falsified(m, guesses, correct, 0.0, beta):
         return 0.0
     lo, hi = 0.0, 0.5
     while _fdp_falsified(m, guesses, correct, hi, beta):
         lo, hi = hi, hi * 2
-        if hi > 64:  # beyond any epsilon a finite audit can show
-            return gdp_epsilon(lo, delta)
+        if hi > 64:  # beyond any mu a finite audit can show (20,000 perfect guesses reject mu = 2)
+            return lo
     while hi - lo > 1e-4 * hi:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if _fdp_falsified(m, guesses, correct, mid, beta) else (lo, mid)
-    return gdp_epsilon(lo, delta)
+    return lo
 
 
 def _cp_upper(errors: int, trials: int, alpha: float) -> float:

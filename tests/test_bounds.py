@@ -35,7 +35,7 @@ def _gdp_epsilon_oracle(mu, delta):
     return optimize.brentq(lambda e: _gdp_delta(e, mu) - delta, 0.0, 200.0, xtol=1e-10)
 
 
-@pytest.mark.parametrize("mu", [0.3, 1.0, 2.5])
+@pytest.mark.parametrize("mu", [0.1, 0.3, 1.0, 2.5])
 def test_gdp_epsilon_matches_the_closed_form(mu):
     assert gdp_epsilon(mu, 1e-5) == pytest.approx(_gdp_epsilon_oracle(mu, 1e-5), rel=1e-8)
     assert gdp_epsilon(0.0, 1e-5) == 0.0
@@ -566,3 +566,71 @@ def test_guess_plan_helpers_follow_their_documentation():
     s = np.zeros(100)
     s[::3] = 1.0
     assert list(_ranking(s)) == list(range(0, 100, 3)) + [i for i in range(100) if i % 3]
+
+
+def test_gaussian_tradeoff_is_the_gdp_curve_reflected():
+    """g(x) = f_mu(1 - x) = Phi(Phi^-1(x) - mu) (scipy), 0 and 1 at the ends, the identity
+    (no privacy spent) at mu = 0."""
+    from attacks.bounds import gaussian_tradeoff
+
+    for mu in (0.3, 0.8, 1.0, 2.5):
+        g = gaussian_tradeoff(mu)
+        for x in (1e-6, 0.01, 0.3, 0.5, 0.99):
+            assert g(x) == pytest.approx(stats.norm.cdf(stats.norm.ppf(x) - mu), rel=1e-9)
+        assert (g(0.0), g(1.0)) == (0.0, 1.0)
+    assert [gaussian_tradeoff(0.0)(x) for x in (0.0, 0.3, 1.0)] == [0.0, 0.3, 1.0]
+
+
+def _fdp_rejects_naive(m, k, v, g, beta):
+    """The recursion of ``fdp_rejects`` run to the end, without its early exit."""
+    if v == 0:
+        return False
+    r, h = beta * v / m, beta * (k - v) / m
+    for i in range(v - 1, -1, -1):
+        g_r = 1.0 if r >= 1.0 else g(r)
+        if g_r > h:
+            r = min(r + (i / (k - i)) * (g_r - h), 1.0)
+            h = g_r
+    return r + h > k / m
+
+
+def test_fdp_rejects_equals_the_recursion_run_to_the_end():
+    """The early exit (once g(r) <= h nothing changes) must not change any outcome."""
+    from attacks.bounds import gaussian_tradeoff
+
+    rng = np.random.default_rng(13)
+    seen = set()
+    for _ in range(300):
+        m = int(rng.integers(20, 3000))
+        k = int(rng.integers(1, min(m, 300) + 1))
+        v = int(rng.integers(0, k + 1))
+        mu, beta = float(rng.uniform(0, 3)), float(rng.choice([0.05, 0.2]))
+        g = gaussian_tradeoff(mu)
+        got = fdp_rejects(m, k, v, g, beta)
+        assert got == _fdp_rejects_naive(m, k, v, g, beta), (m, k, v, mu, beta)
+        seen.add(got)
+    assert seen == {True, False}
+    for k in (2, 3, 5):  # few guesses, all correct: the last iterations decide
+        g = gaussian_tradeoff(0.5)
+        assert fdp_rejects(k, k, k, g, 0.05) == _fdp_rejects_naive(k, k, k, g, 0.05)
+
+
+@pytest.mark.parametrize("m, k, v", [(1000, 100, 100), (2000, 200, 150), (5000, 300, 260)])
+def test_fdp_mu_is_the_rejection_boundary_to_its_tolerance(m, k, v):
+    from attacks.bounds import _fdp_falsified, fdp_mu_lower_bound
+
+    mu = fdp_mu_lower_bound(m, k, v)
+    assert mu > 0 and _fdp_falsified(m, k, v, mu, 0.05)
+    assert not _fdp_falsified(m, k, v, mu * (1 + 1.001e-4), 0.05)
+    assert fdp_one_run_epsilon(m, k, v, delta=1e-5) == gdp_epsilon(mu, 1e-5)
+
+
+def test_fdp_bound_domain():
+    assert fdp_one_run_epsilon(1, 1, 1, delta=1e-5) == 0.0
+    assert fdp_one_run_epsilon(100, 100, 100, delta=1e-5) > 0  # every canary guessed
+    for bad in [(0, 0, 0), (10, 20, 5), (10, 5, 6), (10, 5, -1)]:
+        with pytest.raises(ValueError, match="need 0 <= correct <= guesses <= canaries"):
+            fdp_one_run_epsilon(*bad, delta=1e-5)
+    for delta in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"delta must be in \(0, 1\)"):
+            fdp_one_run_epsilon(100, 10, 10, delta=delta)

@@ -362,3 +362,28 @@ def test_dpsgd_canary_records_are_reproducible_from_the_seed(data):
         _train("dpsgd", dict(epochs=1, batch_size=64, lr=0.1, noise_multiplier=1.0), data, canaries)
         records.append(canaries.result())
     torch.testing.assert_close(records[0].llr, records[1].llr, rtol=0, atol=0)
+
+
+def test_encoding_canaries_follow_the_encodings_law_not_dpsgds(data):
+    """The law a run records for its canaries is the mechanism's own claim (encoding: Student-t
+    noise on the encoded value); the white-box scores are likelihood ratios under it."""
+    canaries = GradientCanaries(300, seed=5)
+    options = dict(epochs=1, batch_size=64, top_k=20, codebook_size=8, noise_multiplier=1.0)
+    _train("encoding", options, data, canaries)
+    law = canaries.result().law
+    assert (law.noise, law.df) == ("studentt", 9.0)
+    b = 64.0
+    encoder = Encoder(config_from_mapping(EncodingConfig, options), dim=1000)
+    assert law.shift == pytest.approx(encoder.canary_value(1.0, canaries.norm) / b, rel=1e-6)
+
+
+def test_dpsgd_law_uses_the_clip_norm_and_the_expected_lot_size():
+    from mechanisms.dpsgd import dpsgd_law
+    from mechanisms.privatise import gaussian_law
+
+    plan = DpSgdPlan(sample_rate=0.05, steps=10, noise_multiplier=1.3, expected_batch_size=50.0)
+    law = dpsgd_law(DpSgdConfig(noise_multiplier=1.3, clip_norm=0.4), plan)
+    assert law == gaussian_law(
+        clip_norm=0.4, noise_multiplier=1.3, expected_batch_size=50.0, sample_rate=0.05
+    )
+    assert law != dpsgd_law(DpSgdConfig(noise_multiplier=1.3, clip_norm=1.0), plan)

@@ -172,6 +172,18 @@ def test_delta_must_be_below_one_over_n():
         )
 
 
+def test_plan_edges_a_full_batch_is_allowed_and_delta_of_exactly_one_over_n_is_not():
+    plan = plan_dpsgd(DpSgdConfig(noise_multiplier=1.0, delta=1e-3, batch_size=200, epochs=3), n=200)
+    assert (plan.sample_rate, plan.steps, plan.expected_batch_size) == (1.0, 3, 200.0)
+    from mechanisms.sampling import steps_per_epoch
+
+    assert steps_per_epoch(260, 100 / 260) == 3  # 1/q = 2.6 rounds to nearest, not down
+    with pytest.raises(ValueError, match="exceeds the 200 training examples"):
+        plan_dpsgd(DpSgdConfig(noise_multiplier=1.0, delta=1e-3, batch_size=201), n=200)
+    with pytest.raises(ValueError, match="allow-large-delta"):
+        plan_dpsgd(DpSgdConfig(noise_multiplier=1.0, delta=1 / 200, batch_size=10), n=200)
+
+
 def test_config_needs_exactly_one_of_sigma_or_epsilon():
     with pytest.raises(ValueError, match="exactly one"):
         DpSgdConfig()
@@ -202,7 +214,7 @@ def _request(**options):
 
 
 def test_model_json_epsilon_equals_dp_accounting_recomputed(tmp_path):
-    meta = train_target(_request(epsilon=3.0), tmp_path)
+    meta = train_target(_request(epsilon=3.0, clip_norm=0.7), tmp_path)
     saved = json.loads((tmp_path / "model.json").read_text())["privacy"]
     assert saved == meta["privacy"] and saved["formal"] is True and saved["accountant"] == "pld"
     recomputed = _reference_epsilon(
@@ -213,7 +225,7 @@ def test_model_json_epsilon_equals_dp_accounting_recomputed(tmp_path):
     assert (
         saved["sample_rate"] == 64 / 898
         and saved["steps"] == 2 * round(898 / 64)
-        and saved["clip_norm"] == 1.0
+        and saved["clip_norm"] == 0.7
     )
 
 
