@@ -610,9 +610,10 @@ def test_fdp_rejects_equals_the_recursion_run_to_the_end():
         assert got == _fdp_rejects_naive(m, k, v, g, beta), (m, k, v, mu, beta)
         seen.add(got)
     assert seen == {True, False}
-    for k in (2, 3, 5):  # few guesses, all correct: the last iterations decide
-        g = gaussian_tradeoff(0.5)
-        assert fdp_rejects(k, k, k, g, 0.05) == _fdp_rejects_naive(k, k, k, g, 0.05)
+    # every guess correct: the steps at i = 1 and i = 0 decide these (found by search)
+    for m, k, mu, beta in [(3, 2, 0.202, 0.5), (10, 4, 0.383, 0.2), (4, 3, 0.93, 0.5), (65, 2, 0.301, 0.5)]:
+        g = gaussian_tradeoff(mu)
+        assert fdp_rejects(m, k, k, g, beta) is True and _fdp_rejects_naive(m, k, k, g, beta) is True
 
 
 @pytest.mark.parametrize("m, k, v", [(1000, 100, 100), (2000, 200, 150), (5000, 300, 260)])

@@ -209,3 +209,25 @@ def test_summarize_contents_and_resolution_warnings():
 def test_bad_metric_input(scores, member, message):
     with pytest.raises(ValueError, match=message):
         summarize(scores, member)
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [(11, 10, 0, 10), (0, 10, 11, 10), (-1, 10, 0, 10), (0, 10, -1, 10), (0, 0, 0, 10), (0, 10, 0, 0)],
+)
+def test_count_bounds_refuse_impossible_counts(counts):
+    """fp <= negatives, fn <= positives, none negative, both classes present: else an error
+    naming the counts (the bounds of attacks.bounds use the same rule)."""
+    from attacks.bounds import gdp_mu_lower_bound
+
+    with pytest.raises(ValueError, match="invalid counts"):
+        epsilon_lower_bound(*counts)
+    with pytest.raises(ValueError, match="invalid counts"):
+        gdp_mu_lower_bound(*counts)
+
+
+def test_epsilon_lower_bound_defaults_are_delta_1e5_and_alpha_005():
+    assert epsilon_lower_bound(3, 500, 40, 500) == epsilon_lower_bound(
+        3, 500, 40, 500, delta=1e-5, alpha=0.05
+    )
+    assert epsilon_lower_bound(3, 500, 40, 500) != epsilon_lower_bound(3, 500, 40, 500, delta=1e-2)
