@@ -160,7 +160,24 @@ def test_unreachable_target_names_the_smallest_reachable_epsilon():
     # the number named is dp-accounting's epsilon at the largest multiplier searched
     hi = SIGMA_RANGE[1]
     assert f"is {_reference_epsilon(0.5, hi, 10_000, 1e-5):.4g}, at noise multiplier {hi} " in str(err.value)
-    assert "--noise-multiplier" in str(err.value)
+    assert str(err.value).endswith(
+        "(the largest that calibration searches); train for fewer epochs, use a smaller "
+        "batch, raise the target, or set --noise-multiplier directly"
+    )
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_calibration_refuses_a_target_above_what_it_searches_and_a_target_of_zero(accountant):
+    event = lambda s: dpsgd_event(noise_multiplier=s, sample_rate=0.01, steps=10)  # noqa: E731
+    with pytest.raises(
+        ValueError, match=r"above the largest epsilon calibration considers \(noise multiplier"
+    ):
+        calibrate_noise_multiplier(target_epsilon=1e4, delta=1e-5, make_event=event, accountant=accountant)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"target epsilon must be > 0, got {bad}"):
+            calibrate_noise_multiplier(
+                target_epsilon=bad, delta=1e-5, make_event=event, accountant=accountant
+            )
 
 
 def test_delta_must_be_below_one_over_n():
