@@ -142,6 +142,13 @@ def test_calibration_is_tight_with_either_accountant_and_refuses_just_below_the_
         )
 
 
+def test_epsilon_needs_a_delta_strictly_between_0_and_1():
+    event = dpsgd_event(noise_multiplier=1.0, sample_rate=0.01, steps=10)
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match=r"delta must be in \(0, 1\)"):
+            epsilon(event, delta=bad)
+
+
 def test_the_coarse_search_accountant_never_reports_less_than_the_exact_one():
     """The PLD search's coarse discretisation stays pessimistic, so its sigma already meets the
     target under the exact accountant (the confirmation after it is a safety net)."""
