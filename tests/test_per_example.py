@@ -346,3 +346,40 @@ def test_tied_weights_go_to_an_engine_that_handles_them():
     torch.testing.assert_close(got.norms, norms, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="ghost"):
         clipped_grad_sum(model, x, y, clip_norm=0.3, engine="ghost")
+
+
+@pytest.mark.parametrize("engine", ["ghost", "vmap"])
+def test_a_custom_summed_loss_reaches_each_engine_and_its_loss_sum(engine):
+    """``loss_fn`` (a summed loss other than cross-entropy) is the loss each engine
+    differentiates and reports: the clipped sum equals a loop over single examples with that
+    loss, and ``loss_sum`` is the batch's summed loss."""
+
+    def squared(logits, y):  # cross-entropy plus a penalty on the logits, summed
+        return F.cross_entropy(logits, y, reduction="sum") + 0.5 * logits.square().sum()
+
+    model = build_model("mlp", (6,), 4, seed=3).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64) * 3, torch.randint(0, 4, (5,))
+    got = clipped_grad_sum(model, x, y, clip_norm=0.05, engine=engine, loss_fn=squared)
+    grads = []
+    for i in range(5):
+        model.zero_grad()
+        squared(model(x[i : i + 1]), y[i : i + 1]).backward()
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    norms = torch.stack([torch.cat([g.flatten() for g in d.values()]).norm() for d in grads])
+    factors = (0.05 / (norms + NORM_EPS)).clamp(max=1.0)
+    torch.testing.assert_close(got.norms, norms, rtol=1e-10, atol=1e-12)
+    for n in grads[0]:
+        want = sum(factors[i] * grads[i][n] for i in range(5))
+        torch.testing.assert_close(got.grads[n], want, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        assert got.loss_sum == pytest.approx(float(squared(model(x), y)), rel=1e-12)
+
+
+def test_vmap_draws_dropout_per_example():
+    """Dropout in training mode: each example gets its own mask under vmap (identical inputs
+    give different gradients), as in a loop over examples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 3)).train()
+    x, y = torch.randn(1, 8).repeat(6, 1), torch.zeros(6, dtype=torch.long)
+    grads = per_example_grads(model, x, y)["0.weight"]
+    assert not all(torch.equal(grads[0], grads[i]) for i in range(1, 6))
