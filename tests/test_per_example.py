@@ -383,3 +383,20 @@ def test_vmap_draws_dropout_per_example():
     x, y = torch.randn(1, 8).repeat(6, 1), torch.zeros(6, dtype=torch.long)
     grads = per_example_grads(model, x, y)["0.weight"]
     assert not all(torch.equal(grads[0], grads[i]) for i in range(1, 6))
+
+
+def test_auto_picks_ghost_where_it_is_supported_and_a_clip_norm_must_be_positive(monkeypatch):
+    import mechanisms.per_example as pe
+
+    used = []
+    ghost, vmap_engine = pe._ghost_clipped_sum, pe._vmap_clipped_sum
+    monkeypatch.setattr(pe, "_ghost_clipped_sum", lambda *a: used.append("ghost") or ghost(*a))
+    monkeypatch.setattr(pe, "_vmap_clipped_sum", lambda *a: used.append("vmap") or vmap_engine(*a))
+    model = build_model("mlp", (6,), 4, seed=3)
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    clipped_grad_sum(model, x, y, clip_norm=1.0)
+    clipped_grad_sum(model, x, y, clip_norm=1.0, engine="vmap")
+    assert used == ["ghost", "vmap"]
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"clip_norm must be positive, got {bad}"):
+            clipped_grad_sum(model, x, y, clip_norm=bad)
