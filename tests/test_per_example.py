@@ -15,6 +15,7 @@ from mechanisms.per_example import (
     clipped_grad_sum,
     ghost_supported,
     per_example_grads,
+    shared_parameters,
 )
 
 
@@ -400,3 +401,41 @@ def test_auto_picks_ghost_where_it_is_supported_and_a_clip_norm_must_be_positive
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match=f"clip_norm must be positive, got {bad}"):
             clipped_grad_sum(model, x, y, clip_norm=bad)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 4, 3, groups=2),
+        nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(2, 3, 3, padding="same"),
+    ],
+)
+def test_ghost_declines_convolutions_it_has_no_rule_for(conv):
+    assert not ghost_supported(nn.Sequential(conv, nn.Flatten()))
+    assert ghost_supported(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten()))
+
+
+def test_a_bare_layer_as_the_model_keeps_its_parameter_names():
+    """The model itself a Linear: its parameters are 'weight' and 'bias' (no prefix), in the
+    ghost engine's sums as in the model, and equal to the loop."""
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64) * 3, torch.randint(0, 3, (6,))
+    got = clipped_grad_sum(model, x, y, clip_norm=0.5, engine="ghost")
+    want, norms = _loop_clipped_sum(model, x, y, 0.5)
+    assert set(got.grads) == {"weight", "bias"}
+    _assert_clipped_equal(got, want, norms)
+
+
+def test_shared_parameters_names_the_first_owner():
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.weight = self.lin.weight  # the root owns the child's weight too
+
+    assert shared_parameters(Root()) == ["weight"]
+    with pytest.raises(ValueError, match="unknown per-example engine 'nope'; known: auto, ghost, vmap"):
+        clipped_grad_sum(
+            nn.Linear(3, 2), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), clip_norm=1.0, engine="nope"
+        )
