@@ -439,3 +439,24 @@ def test_shared_parameters_names_the_first_owner():
         clipped_grad_sum(
             nn.Linear(3, 2), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), clip_norm=1.0, engine="nope"
         )
+
+
+def test_a_module_registered_under_two_names_goes_to_vmap_and_equals_the_loop():
+    """``self.b = self.a``: one module, two names, two uses. Its parameters count as shared
+    (the ghost engine cannot take them), and auto's engine equals the loop."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = self.a
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    model = Twice().double()
+    assert shared_parameters(model) == ["a.bias", "a.weight"] and not ghost_supported(model)
+    x, y = torch.randn(6, 4, dtype=torch.float64) * 3, torch.randint(0, 3, (6,))
+    want, norms = _loop_clipped_sum(model, x, y, 0.5)
+    _assert_clipped_equal(clipped_grad_sum(model, x, y, clip_norm=0.5), want, norms)
