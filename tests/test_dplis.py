@@ -137,6 +137,28 @@ def test_accounting_equals_dpsgd(tmp_path):
         assert a[key] == b[key], key
     c = train_target(_request("dplis", epsilon=3.0, smooth_samples=2), tmp_path / "c")["privacy"]
     assert 0.99 * 3.0 <= c["epsilon"] <= 3.0 and c["formal"] is True
+    assert b["note"].startswith("DPlis (DP-SGD with loss smoothing)")
+
+
+def test_the_loop_trains_with_the_smoothed_gradient(tmp_path, monkeypatch):
+    """Every step of a DPlis run goes through the smoothed gradient (a run that silently fell
+    back to DP-SGD's gradient would pass the accounting test above), and its weights differ
+    from DP-SGD's at the same seed."""
+    from safetensors.torch import load_file
+
+    import mechanisms.dplis as dplis_module
+
+    calls = []
+    real = dplis_module.smoothed_noisy_gradient
+    monkeypatch.setattr(
+        dplis_module, "smoothed_noisy_gradient", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    meta = train_target(_request("dplis", noise_multiplier=1.2, smooth_samples=2), tmp_path / "dplis")
+    assert len(calls) == meta["privacy"]["steps"] > 0
+    train_target(_request("dpsgd", noise_multiplier=1.2), tmp_path / "dpsgd")
+    a = load_file(tmp_path / "dplis" / "model.safetensors")
+    b = load_file(tmp_path / "dpsgd" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_smoothing_sigma_is_in_the_reference_codes_units():
