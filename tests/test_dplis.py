@@ -137,7 +137,10 @@ def test_accounting_equals_dpsgd(tmp_path):
         assert a[key] == b[key], key
     c = train_target(_request("dplis", epsilon=3.0, smooth_samples=2), tmp_path / "c")["privacy"]
     assert 0.99 * 3.0 <= c["epsilon"] <= 3.0 and c["formal"] is True
-    assert b["note"].startswith("DPlis (DP-SGD with loss smoothing)")
+    assert b["note"] == (
+        "DPlis (DP-SGD with loss smoothing): the same Poisson-sampled Gaussian event as DP-SGD; "
+        "epsilon from dp-accounting"
+    )
 
 
 def test_the_loop_trains_with_the_smoothed_gradient(tmp_path, monkeypatch):
