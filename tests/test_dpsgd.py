@@ -173,6 +173,33 @@ def test_unreachable_target_names_the_smallest_reachable_epsilon():
     )
 
 
+def test_calibration_falls_back_to_the_full_range_when_the_rdp_bracket_is_far_off(monkeypatch):
+    """The RDP search only brackets the PLD one, in [0.7 s_rdp, s_rdp]. Were RDP three times
+    too loose (simulated), 0.7 s_rdp already meets the target and the search must widen to
+    the whole range, landing on the same multiplier, within 1% below the target."""
+    import mechanisms.accounting as accounting
+
+    q, steps = 0.05, 300
+    event = lambda s: dpsgd_event(noise_multiplier=s, sample_rate=q, steps=steps)  # noqa: E731
+    exact = calibrate_noise_multiplier(target_epsilon=2.0, delta=1e-5, make_event=event, accountant="pld")
+    brent = accounting._brent
+    bracket_ends = []
+
+    def loose_rdp(target, delta, make_event, accountant, lo, hi, tol=1e-4):
+        value = brent(target, delta, make_event, accountant, lo, hi, tol)
+        if accountant == "rdp-bracket":
+            bracket_ends.append(value)
+            return 3.0 * value
+        return value
+
+    monkeypatch.setattr(accounting, "_brent", loose_rdp)
+    accounting._EPSILONS.clear()
+    sigma = accounting._calibrate(2.0, 1e-5, event, "pld")
+    assert bracket_ends and 0.7 * 3.0 * bracket_ends[0] > exact  # the fallback was needed
+    assert sigma == pytest.approx(exact, rel=1e-3)
+    assert 0.99 * 2.0 <= _reference_epsilon(q, sigma, steps, 1e-5) <= 2.0
+
+
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_calibration_refuses_a_target_above_what_it_searches_and_a_target_of_zero(accountant):
     event = lambda s: dpsgd_event(noise_multiplier=s, sample_rate=0.01, steps=10)  # noqa: E731
