@@ -142,6 +142,14 @@ def test_calibration_is_tight_with_either_accountant_and_refuses_just_below_the_
         )
 
 
+def test_an_unknown_accountant_is_named_with_the_known_ones():
+    from mechanisms.accounting import ACCOUNTANTS, make_accountant
+
+    with pytest.raises(ValueError, match=f"unknown accountant 'nope'; known: {', '.join(ACCOUNTANTS)}$"):
+        make_accountant("nope")
+    assert len(ACCOUNTANTS) > 1
+
+
 def test_epsilon_needs_a_delta_strictly_between_0_and_1():
     event = dpsgd_event(noise_multiplier=1.0, sample_rate=0.01, steps=10)
     for bad in (0.0, 1.0, -0.1):
