@@ -187,6 +187,7 @@ def test_gaussian_law_epsilon_equals_dp_accounting_subsampled_gaussian(tmp_path)
     assert p["epsilon"] == pytest.approx(expected, rel=1e-9)
     assert p["sample_rate"] == pytest.approx(q)
     assert "): Gaussian noise on the L2 bound; Poisson-sampled event composed in dp-accounting" in p["note"]
+    assert "microbatches" not in p["note"]  # per-example encoding (microbatches of 1)
 
 
 def test_laplace_law_epsilon_equals_dp_accounting_subsampled_laplace_and_calibrates(tmp_path):
