@@ -322,6 +322,16 @@ def test_student_t_run_records_the_gaussian_equivalent_and_its_epsilon(tmp_path)
     assert p["epsilon"] == pytest.approx(_eps(event, p["steps"], p["delta"]), rel=1e-9)
     assert x["skipped_steps"] <= p["steps"]
     assert x["noise_law"] == "studentt" and x["top_k"] == enc.k
+    assert set(x) == {  # the record's fields, by name
+        "noise_law",
+        "noise_scale",
+        "top_k",
+        "l2_bound",
+        "l1_bound",
+        "skipped_steps",
+        "mean_update_scale",
+        "gaussian_equivalent_noise_multiplier",
+    }
 
 
 def test_bad_options_are_refused():
