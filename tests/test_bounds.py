@@ -455,7 +455,10 @@ def test_without_calibration_the_fixed_plans_are_the_documented_ones():
     )
     best = max(
         one_run_epsilon_lower_bound(
-            3000, *_guess_counts(_ranking(s), inc, *_plan_counts(f, o, 3000)), delta=1e-5, beta=0.05 / 7
+            3000,
+            *_guess_counts(_ranking(s), inc, *_plan_counts(f, o, 3000)),
+            delta=1e-5,
+            beta=0.05 / one.tests,
         )
         for f, o in BONFERRONI_PLANS
     )
