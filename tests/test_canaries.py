@@ -289,6 +289,44 @@ def test_sgd_canaries_hit_the_ceiling(data):
     assert math.isfinite(one_run["ceiling"])
 
 
+def test_sgd_canaries_follow_their_schedule_exactly(data):
+    """The baseline's canaries, redrawn from the seed: each included canary is seen once per
+    epoch at a uniform step and adds norm / (that batch's size); excluded ones never."""
+    count, seed, epochs, batch = 300, 5, 2, 32
+    canaries = GradientCanaries(count, seed=seed, calibration=0.3)
+    _train("sgd", dict(epochs=epochs, batch_size=batch, lr=0.05), data, canaries)
+    record = canaries.result()
+    n = len(data[1])
+    steps = -(-n // batch)
+    sizes = torch.tensor([min(batch, n - s * batch) for s in range(steps)], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    included = torch.rand(count, generator=g) < 0.5
+    calibration = torch.rand(count, generator=g) < 0.3
+    expected = torch.zeros(count, dtype=torch.float64)
+    seen_last = torch.zeros(count, dtype=torch.bool)
+    for _ in range(epochs):
+        at = torch.randint(0, steps, (count,), generator=g)
+        expected += torch.where(included, batch / sizes[at], 0.0)
+        seen_last |= included & (at == steps - 1)
+    assert sizes[-1] < batch and bool(seen_last.any())  # the smaller last batch is exercised
+    assert torch.equal(record.included, included) and torch.equal(record.calibration, calibration)
+    assert record.steps == record.candidates == epochs * steps
+    assert torch.equal(record.llr, expected)  # "none": the count of sightings in shift units
+    assert bool((record.final[~included] == 0).all()) and bool((record.final[included] < 0).all())
+
+
+def test_a_discarded_step_cannot_be_committed():
+    canaries = GradientCanaries(10, seed=0)
+    canaries.law = StepLaw("gaussian", scale=1.0, shift=1.0, sample_rate=0.5)
+    lot = canaries.draw(0.5, dpsgd_module.poisson_lot)
+    lot.released = lot.update = lot.scatter(1.0)
+    canaries.record(lot)
+    canaries.discard()
+    with pytest.raises(RuntimeError, match="no pending canary step"):
+        canaries.commit()
+    assert canaries.result().steps == 0 and canaries.candidates == 1
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -218,3 +218,64 @@ def test_ensemble_trains_every_member_and_reloads_for_attacks(tmp_path):
     assert 0.0 <= t["attacks"]["loss"]["auc"] <= 1.0 and t["queries"] == 2
     recipe = (tmp_path / "out" / "references" / "residual" / "recipe.json").read_text()
     assert '"ensemble": 2' in recipe
+
+
+def test_the_noise_is_seeded_from_the_run_generator_with_a_full_draw():
+    """train_residual seeds the noise with one 62-bit draw of the run's generator: the same
+    seed gives the same noise and weights, and two runs never share a noise stream by chance."""
+    from sklearn.datasets import load_digits
+
+    from mechanisms.residual import train_residual
+
+    digits = load_digits()
+    x = torch.tensor(digits.images[:96], dtype=torch.float32).unsqueeze(1) / 16
+    y = torch.tensor(digits.target[:96])
+    config = ResidualConfig(epochs=1, batch_size=32, lr=0.05, gamma=0.2, progress=False)
+
+    def run(seed):
+        model = build_model("resnet8", (1, 8, 8), 10, seed=0)
+        result = train_residual(model, x, y, config=config, generator=torch.Generator().manual_seed(seed))
+        return model, result
+
+    for seed in (3, 11):
+        expected = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
+        assert expected >= 2**40  # a full draw (the check below would not tell a small range)
+        model, result = run(seed)
+        assert {b.perturb.generator.initial_seed() for b in residual_blocks(model)} == {expected}
+        assert "member" not in result.history[0]  # one member: no member field
+        assert result.extras == {
+            "strategy": "2",
+            "gamma": 0.2,
+            "perturb_at_eval": True,
+            "eval_passes": 1,
+            "ensemble": 1,
+        }
+    torch.manual_seed(0)  # the global stream plays no part
+    first = run(3)[1].state_dict
+    torch.manual_seed(1)
+    second = run(3)[1].state_dict
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_slot_seeds_are_distinct_per_purpose_member_and_seed():
+    from mechanisms.residual import _slot_seed
+
+    seeds = {
+        (s, m, p): _slot_seed(s, m, p) for s in (0, 2, 4, 7, 2**62 - 1) for m in (0, 1, 2) for p in (0, 1)
+    }
+    assert len(set(seeds.values())) == len(seeds)
+    assert _slot_seed(5, 1) == _slot_seed(5, 1, 0) != _slot_seed(5, 1, 1)  # the noise is purpose 0
+    # the ensemble's members: a different seed of the same parity gives other members
+    config = ResidualConfig(strategy="2", gamma=0.0, ensemble=2)
+    w4 = install_noise(build_model("resnet8", (1, 12, 12), 10, seed=0), config, seed=4).members[1]
+    w6 = install_noise(build_model("resnet8", (1, 12, 12), 10, seed=0), config, seed=6).members[1]
+    assert not torch.equal(w4.stem[0].weight, w6.stem[0].weight)
+
+
+def test_the_registry_refuses_a_model_without_residual_blocks_by_name():
+    from mechanisms import get_mechanism
+
+    with pytest.raises(
+        ValueError, match=r"^residual perturbation needs a model with residual blocks .*Sequential has none"
+    ):
+        get_mechanism("residual").validate_model(build_model("mlp", (20,), 2))
