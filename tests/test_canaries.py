@@ -315,6 +315,35 @@ def test_sgd_canaries_follow_their_schedule_exactly(data):
     assert bool((record.final[~included] == 0).all()) and bool((record.final[included] < 0).all())
 
 
+@pytest.mark.parametrize(
+    "law",
+    [
+        StepLaw("gaussian", scale=0.7, shift=0.3, sample_rate=0.2),
+        StepLaw("laplace", scale=0.5, shift=0.25, sample_rate=1.0),
+        StepLaw("studentt", scale=0.4, shift=0.6, sample_rate=0.1, df=3.5),
+        StepLaw("none", scale=0.0, shift=0.125, sample_rate=0.08),
+    ],
+    ids=lambda law: law.noise,
+)
+def test_step_law_json_names_its_fields_and_reloads(law):
+    """model.json records the law with to_json; audit.canary.load_record rebuilds it with
+    StepLaw(**law): the names are the constructor's, and df is there exactly for Student-t."""
+    record = law.to_json()
+    keys = {"noise", "scale", "shift", "sample_rate"} | ({"df"} if law.noise == "studentt" else set())
+    assert set(record) == keys
+    assert StepLaw(**record) == law
+
+
+def test_canary_gradient_norms_are_norm_times_clip_norm_in_the_block_dtype():
+    canaries = GradientCanaries(40, seed=1, norm=4.0, dtype=torch.float64)
+    lot = canaries.draw(1.0, dpsgd_module.poisson_lot)
+    assert len(lot.index) == int(canaries.included.sum()) > 0
+    norms = lot.gradient_norms(0.5)
+    assert norms.dtype == torch.float64 and lot.dtype == torch.float64
+    assert torch.equal(norms, torch.full((len(lot.index),), 2.0, dtype=torch.float64))
+    assert torch.equal(lot.gradient_norms(0.5, 3.0), torch.full_like(norms, 6.0))
+
+
 def test_a_discarded_step_cannot_be_committed():
     canaries = GradientCanaries(10, seed=0)
     canaries.law = StepLaw("gaussian", scale=1.0, shift=1.0, sample_rate=0.5)
