@@ -344,6 +344,100 @@ def test_canary_gradient_norms_are_norm_times_clip_norm_in_the_block_dtype():
     assert torch.equal(lot.gradient_norms(0.5, 3.0), torch.full_like(norms, 6.0))
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(noise="normal"), r"^noise law must be one of gaussian, laplace, studentt, none, got 'normal'$"),
+        (dict(sample_rate=0.0), r"^sample_rate must be in \(0, 1\], got 0.0$"),
+        (dict(sample_rate=1.5), r"^sample_rate must be in \(0, 1\], got 1.5$"),
+        (dict(scale=0.0), r"^noise scale must be > 0, got 0.0$"),
+        (dict(noise="laplace", scale=-1.0), r"^noise scale must be > 0, got -1.0$"),
+        (dict(shift=0.0), r"^canary shift must be a finite number > 0, got 0.0$"),
+        (dict(shift=-0.5), r"^canary shift must be a finite number > 0, got -0.5$"),
+        (dict(shift=math.inf), r"^canary shift must be a finite number > 0, got inf$"),
+        (dict(noise="studentt", df=0.0), r"^Student-t degrees of freedom must be > 0, got 0.0$"),
+    ],
+)
+def test_step_law_refuses_laws_outside_its_domain(kwargs, message):
+    law = dict(noise="gaussian", scale=1.0, shift=1.0, sample_rate=0.5) | kwargs
+    with pytest.raises(ValueError, match=message):
+        StepLaw(**law)
+
+
+def test_step_law_accepts_the_edges_of_its_domain():
+    StepLaw("gaussian", scale=1.0, shift=1.0, sample_rate=1.0)
+    StepLaw("studentt", scale=1.0, shift=1.0, sample_rate=0.5, df=0.5)  # heavy tails are a law
+    StepLaw("none", scale=0.0, shift=1.0, sample_rate=0.5)  # no noise needs no scale
+
+
+def test_the_record_is_the_committed_steps_statistics():
+    """result(): llr, mean-square-minus-squared-mean variance and final value, computed by hand
+    from the released values that were committed (a discarded one left out)."""
+    canaries = GradientCanaries(6, seed=3, norm=2.5)
+    law = StepLaw("gaussian", scale=0.8, shift=0.4, sample_rate=0.5)
+    canaries.law = law
+    released = torch.tensor(
+        [
+            [0.3, -1.0, 2.0, 0.0, 0.5, 1.5],
+            [1.1, 0.2, -0.7, 0.0, 0.5, 2.5],
+            [9.0] * 6,
+            [-0.4, 0.6, 0.1, 0.0, 0.5, 3.5],
+        ]
+    )
+    for i, x in enumerate(released):
+        lot = canaries.draw(0.5, dpsgd_module.poisson_lot)
+        lot.released, lot.update = x.clone(), x.clone()
+        canaries.record(lot)
+        canaries.discard() if i == 2 else canaries.commit()
+    with pytest.raises(RuntimeError, match="^no pending canary step to commit$"):
+        canaries.commit()  # a committed step is not pending any more
+    kept = released[[0, 1, 3]].double()
+    record = canaries.result()
+    assert record.steps == 3 and record.candidates == 4 and record.norm == 2.5 and record.law == law
+    torch.testing.assert_close(record.llr, law.log_ratio(kept).sum(0).double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(record.variance, kept.var(0, unbiased=False), rtol=1e-9, atol=1e-9)
+    assert record.final.dtype == torch.float64 and torch.equal(
+        record.final, torch.zeros(6, dtype=torch.float64)
+    )
+    # one step: its variance is 0 and the mean is the value itself (a divisor of 1, not 2)
+    one = GradientCanaries(3, seed=0)
+    one.law = StepLaw("none", scale=0.0, shift=0.5, sample_rate=0.5)
+    lot = one.draw(0.5, dpsgd_module.poisson_lot)
+    lot.released = lot.update = torch.tensor([0.5, 1.0, 0.0])
+    one.record(lot)
+    one.commit()
+    assert torch.equal(one.result().variance, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(one.result().llr, torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64))
+
+
+def test_record_and_commit_refuse_an_unfinished_step():
+    canaries = GradientCanaries(4, seed=0)
+    lot = canaries.draw(1.0, dpsgd_module.poisson_lot)
+    lot.released = lot.scatter(1.0)  # released but no update
+    with pytest.raises(RuntimeError, match="^the mechanism did not privatise the canary lot$"):
+        canaries.record(lot)
+    lot.released, lot.update = None, lot.scatter(1.0)
+    with pytest.raises(RuntimeError, match="^the mechanism did not privatise the canary lot$"):
+        canaries.record(lot)
+    lot.released = lot.update
+    canaries.record(lot)
+    with pytest.raises(RuntimeError, match="^the mechanism did not set the canaries' law$"):
+        canaries.commit()
+
+
+def test_scatter_and_the_gradient_keep_the_block_dtype():
+    canaries = GradientCanaries(8, seed=2, dtype=torch.float64)
+    lot = canaries.draw(1.0, dpsgd_module.poisson_lot)
+    values = torch.arange(len(lot.index), dtype=torch.float32) / 3
+    for out in (lot.scatter(values), lot.scatter(0.1)):
+        assert out.dtype == torch.float64 and out.shape == (8,)
+    assert torch.equal(lot.scatter(values)[lot.index], values.double())
+    lot.released = lot.update = lot.scatter(0.1)
+    canaries.record(lot)
+    assert canaries.block.grad.dtype == torch.float64
+    assert torch.equal(canaries.block.grad, lot.scatter(0.1))
+
+
 def test_a_discarded_step_cannot_be_committed():
     canaries = GradientCanaries(10, seed=0)
     canaries.law = StepLaw("gaussian", scale=1.0, shift=1.0, sample_rate=0.5)
