@@ -394,6 +394,7 @@ def test_the_record_is_the_committed_steps_statistics():
     kept = released[[0, 1, 3]].double()
     record = canaries.result()
     assert record.steps == 3 and record.candidates == 4 and record.norm == 2.5 and record.law == law
+    assert record.llr.dtype == record.variance.dtype == torch.float64  # sums over steps in float64
     torch.testing.assert_close(record.llr, law.log_ratio(kept).sum(0).double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(record.variance, kept.var(0, unbiased=False), rtol=1e-9, atol=1e-9)
     assert record.final.dtype == torch.float64 and torch.equal(
@@ -412,6 +413,8 @@ def test_the_record_is_the_committed_steps_statistics():
 
 def test_record_and_commit_refuse_an_unfinished_step():
     canaries = GradientCanaries(4, seed=0)
+    with pytest.raises(RuntimeError, match="^no pending canary step to commit$"):
+        canaries.commit()  # nothing recorded yet
     lot = canaries.draw(1.0, dpsgd_module.poisson_lot)
     lot.released = lot.scatter(1.0)  # released but no update
     with pytest.raises(RuntimeError, match="^the mechanism did not privatise the canary lot$"):
@@ -448,6 +451,12 @@ def test_a_discarded_step_cannot_be_committed():
     with pytest.raises(RuntimeError, match="no pending canary step"):
         canaries.commit()
     assert canaries.result().steps == 0 and canaries.candidates == 1
+
+
+def test_canary_settings_at_their_edges_and_the_default_norm():
+    assert GradientCanaries(2, seed=0).norm == 10.0  # the documented default
+    assert GradientCanaries(2, seed=0, norm=1.0, calibration=0.0).calibration.sum() == 0
+    assert GradientCanaries(50, seed=0).block.dtype == torch.float32
 
 
 @pytest.mark.parametrize(
