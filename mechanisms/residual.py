@@ -129,9 +129,10 @@ def _slot_seed(seed: int, member: int, purpose: int = 0) -> int:
     return int(np.random.SeedSequence([seed % 2**63, purpose, member]).generate_state(1)[0])
 
 
-def install_noise(model: nn.Module, config: TrainConfig, seed: int = 0) -> nn.Module:
+def install_noise(model: nn.Module, config: TrainConfig, seed: int) -> nn.Module:
     """The released predictor: noisy slots in every residual block; with ``ensemble`` E > 1,
     E copies of the architecture (members 1..E-1 freshly initialised) averaged at the softmax.
+    ``seed`` has no default: a default would give every caller that omits it the same noise.
 
     Returns ``model`` itself (slots filled in place) when E = 1, else a :class:`SoftmaxEnsemble`.
     """

@@ -108,7 +108,7 @@ def test_eval_pass_averaging_reduces_variance():
 
 def test_models_without_residual_blocks_are_refused():
     with pytest.raises(ValueError, match="residual blocks"):
-        install_noise(build_model("cnn", (1, 28, 28), 10), ResidualConfig())
+        install_noise(build_model("cnn", (1, 28, 28), 10), ResidualConfig(), seed=0)
     with pytest.raises(ValueError, match="strategy must be"):
         ResidualConfig(strategy="3")
 
@@ -270,6 +270,21 @@ def test_slot_seeds_are_distinct_per_purpose_member_and_seed():
     w4 = install_noise(build_model("resnet8", (1, 12, 12), 10, seed=0), config, seed=4).members[1]
     w6 = install_noise(build_model("resnet8", (1, 12, 12), 10, seed=0), config, seed=6).members[1]
     assert not torch.equal(w4.stem[0].weight, w6.stem[0].weight)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(strategy="3"), r"^strategy must be one of 1, 2, branch, got '3'$"),
+        (dict(gamma=-0.1), r"^gamma must be >= 0, got -0.1$"),
+        (dict(eval_passes=0), r"^eval_passes must be >= 1, got 0$"),
+        (dict(ensemble=0), r"^ensemble must be >= 1, got 0$"),
+    ],
+)
+def test_residual_options_outside_their_domain_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ResidualConfig(**kwargs)
+    ResidualConfig(gamma=0.0, eval_passes=1, ensemble=1)  # the edges are allowed
 
 
 def test_the_registry_refuses_a_model_without_residual_blocks_by_name():
