@@ -439,6 +439,11 @@ def test_scatter_and_the_gradient_keep_the_block_dtype():
     canaries.record(lot)
     assert canaries.block.grad.dtype == torch.float64
     assert torch.equal(canaries.block.grad, lot.scatter(0.1))
+    # the baseline's lots (lot_at) are the canaries' too: same generator, same dtype
+    schedule = canaries.draw_epoch(3)
+    at = canaries.lot_at(schedule, 1)
+    assert at.dtype == torch.float64 and at.generator is canaries.generator and at.norm == canaries.norm
+    assert torch.equal(at.index, (schedule == 1).nonzero().flatten())
 
 
 def test_a_discarded_step_cannot_be_committed():
