@@ -439,6 +439,9 @@ def test_scatter_and_the_gradient_keep_the_block_dtype():
     canaries.record(lot)
     assert canaries.block.grad.dtype == torch.float64
     assert torch.equal(canaries.block.grad, lot.scatter(0.1))
+    lot.released = lot.update = torch.full((8,), 0.25)  # a float32 update: cast to the block's
+    canaries.record(lot)
+    assert canaries.block.grad.dtype == torch.float64
     # the baseline's lots (lot_at) are the canaries' too: same generator, same dtype
     schedule = canaries.draw_epoch(3)
     at = canaries.lot_at(schedule, 1)
