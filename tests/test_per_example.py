@@ -90,18 +90,37 @@ class ConvZoo(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+class SeqGhost(nn.Module):
+    """Linear layers on 4-D and 3-D inputs (pixels x channels, then a sequence) and a
+    GroupNorm on a sequence: every layer has a ghost rule, so the ghost engine takes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, stride=2)
+        self.pixel = nn.Linear(3, 4)
+        self.token = nn.Linear(4, 4, bias=False)
+        self.gn = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.pixel(torch.tanh(self.conv(x)).permute(0, 2, 3, 1)))  # [B, H, W, 4]
+        h = torch.tanh(self.token(h.flatten(1, 2)))  # [B, L, 4]
+        return self.head(self.gn(h.transpose(1, 2)).mean(2))
+
+
 CASES = [
     ("mlp", (1, 8, 8)),
     ("cnn", (1, 28, 28)),
     ("resnet8", (3, 12, 12)),
     ("convzoo", (1, 11, 10)),
+    ("seqghost", (2, 9, 8)),
 ]
 
 
 def _model(name, shape):
     torch.manual_seed(0)
-    if name in ("seq", "convzoo"):
-        model = SeqModel() if name == "seq" else ConvZoo()
+    if name in ("seq", "convzoo", "seqghost"):
+        model = {"seq": SeqModel, "convzoo": ConvZoo, "seqghost": SeqGhost}[name]()
     else:
         model = build_model(name, shape, 5, seed=0)
     return model.double()
@@ -326,6 +345,31 @@ def test_workspace_reuse_across_input_sizes(channels_last):
         fast = pe.ghost_per_example_grads(model, x, y, workspace=ws)
         slow = _loop_grads(model, x, y)
         _assert_equals_loop(fast, slow)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_workspace_reuse_when_only_the_output_width_changes(channels_last):
+    """Widths 9 and 7 (kernel 2, stride 3) give the same output-gradient grid (3 phase
+    columns) but 3 and 2 real output columns, and the extra column's patches read a real
+    pixel: the grid buffer is keyed by the region written, or the previous lot's third column
+    would stay in the zero border and enter this lot's gradients."""
+    import mechanisms.per_example as pe
+
+    torch.manual_seed(0)
+    # the 1x1 convolution after it keeps the first one's output gradient channels-last
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 2, stride=3), nn.Tanh(), nn.Conv2d(2, 2, 1), nn.Flatten(1), nn.Identity()
+    ).double()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    ws = Workspace()
+    for width in (9, 7, 9, 7):
+        out_width = (width - 2) // 3 + 1  # 3, then 2
+        model[4] = nn.Linear(2 * 2 * out_width, 5).double()  # the head follows the width
+        x = torch.randn(3, 1, 6, width, dtype=torch.float64).contiguous(memory_format=fmt) * 3
+        y = torch.randint(0, 5, (3,))
+        fast = pe.ghost_per_example_grads(model, x, y, workspace=ws)
+        _assert_equals_loop(fast, _loop_grads(model, x, y))
 
 
 def _tied_model():
