@@ -99,7 +99,7 @@ class SeqGhost(nn.Module):
         self.conv = nn.Conv2d(2, 3, 3, stride=2)
         self.pixel = nn.Linear(3, 4)
         self.token = nn.Linear(4, 4, bias=False)
-        self.gn = nn.GroupNorm(2, 4)
+        self.gn = nn.GroupNorm(2, 4, eps=0.5)  # not the default eps: the rule must use the layer's
         self.head = nn.Linear(4, 5)
 
     def forward(self, x):
@@ -223,6 +223,98 @@ def test_module_applied_twice_counts_both_uses(engine):
     got = clipped_grad_sum(model, x, y, clip_norm=0.3, engine=engine, workspace=Workspace())
     want, norms = _loop_clipped_sum(model, x, y, 0.3)
     _assert_clipped_equal(got, want, norms)
+
+
+class Thrice(nn.Module):
+    """One padded conv applied three times: each application needs scratch buffers of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.wide = nn.Conv2d(12, 12, 3, padding=1)  # 36 values per patch row: the patch route
+        self.head = nn.Linear(14, 5)
+
+    def forward(self, x):
+        h = x
+        for _ in range(3):
+            h = torch.tanh(self.conv(h))
+        w = torch.cat([h, x] * 3, dim=1)
+        for _ in range(3):
+            w = torch.tanh(self.wide(w))
+        return self.head(torch.cat([h, w], dim=1).mean((2, 3)))
+
+
+def test_a_module_applied_three_times_keeps_each_use_apart():
+    """Both conv routes, three uses each: every use's per-example gradient equals the loop's
+    (a shared scratch buffer between two uses would overwrite one with the other)."""
+    import mechanisms.per_example as pe
+
+    torch.manual_seed(0)
+    model = Thrice().double()
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64) * 2, torch.randint(0, 5, (5,))
+    _assert_equals_loop(
+        pe.ghost_per_example_grads(model, x, y, workspace=Workspace()), _loop_grads(model, x, y)
+    )
+    got = clipped_grad_sum(model, x, y, clip_norm=0.3, engine="ghost", workspace=Workspace())
+    want, norms = _loop_clipped_sum(model, x, y, 0.3)
+    _assert_clipped_equal(got, want, norms)
+
+
+@pytest.mark.parametrize("name, shape", [*CASES, ("thrice", (2, 6, 6)), ("onebyone", (16, 3, 3))])
+def test_a_lot_of_one_example_and_a_one_pixel_output(name, shape):
+    """Poisson lots of a single example are common at small sample rates; a 3x3 input to a
+    3x3 conv of 16 channels leaves one output pixel (the patch route's smallest case)."""
+    import mechanisms.per_example as pe
+
+    if name == "thrice":
+        model = Thrice().double()
+    elif name == "onebyone":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(16, 4, 3), nn.Tanh(), nn.Flatten(1), nn.Linear(4, 5)).double()
+    else:
+        model = _model(name, shape)
+    assert ghost_supported(model)
+    for b in (1, 2):
+        x, y = torch.randn(b, *shape, dtype=torch.float64) * 3, torch.randint(0, 5, (b,))
+        _assert_equals_loop(
+            pe.ghost_per_example_grads(model, x, y, workspace=Workspace()), _loop_grads(model, x, y)
+        )
+
+
+def test_workspace_reuses_its_buffers_grows_with_headroom_and_follows_the_dtype():
+    """Workspace.get: the same storage for a request that fits (25% headroom over the size
+    that allocated it), a new one for a larger request or another dtype."""
+    ws = Workspace()
+    f32, f64 = torch.zeros(1), torch.zeros(1, dtype=torch.float64)
+    first = ws.get((0, "a"), (10, 10), f32)
+    assert first.shape == (10, 10) and first.dtype == torch.float32
+    ptr = first.data_ptr()
+    assert ws.get((0, "a"), (10, 10), f32).data_ptr() == ptr  # the same size: reused
+    assert ws.get((0, "a"), (5, 25), f32).data_ptr() == ptr  # 125 elements fit the headroom
+    assert ws.get((0, "a"), (3, 3), f32).data_ptr() == ptr  # smaller: reused
+    assert ws.get((0, "b"), (10, 10), f32).data_ptr() != ptr  # another key: its own
+    other = ws.get((0, "a"), (10, 10), f64)
+    assert other.dtype == torch.float64 and other.data_ptr() != ptr  # another dtype: reallocated
+    bigger = ws.get((0, "a"), (200,), f64)
+    assert bigger.data_ptr() != other.data_ptr() and bigger.numel() == 200
+    zeroed = ws.get((1, "z"), (4, 4), f32, zeroed=True)
+    assert torch.equal(zeroed, torch.zeros(4, 4))
+
+
+def test_a_workspace_shared_by_a_float32_and_a_float64_model():
+    import mechanisms.per_example as pe
+
+    ws = Workspace()
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        model = _model("convzoo", (1, 11, 10)).to(dtype)
+        x, y = torch.randn(4, 1, 11, 10, dtype=dtype) * 3, torch.randint(0, 5, (4,))
+        fast = pe.ghost_per_example_grads(model, x, y, workspace=ws)
+        slow = _loop_grads(model, x, y)
+        for n in fast:
+            assert fast[n].dtype == dtype
+            for i in range(4):
+                tol = 1e-10 if dtype == torch.float64 else 1e-4
+                torch.testing.assert_close(fast[n][i], slow[i][n], rtol=tol, atol=tol)
 
 
 class ChannelsLast(nn.Module):
@@ -363,13 +455,29 @@ def test_workspace_reuse_when_only_the_output_width_changes(channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     ws = Workspace()
-    for width in (9, 7, 9, 7):
-        out_width = (width - 2) // 3 + 1  # 3, then 2
-        model[4] = nn.Linear(2 * 2 * out_width, 5).double()  # the head follows the width
-        x = torch.randn(3, 1, 6, width, dtype=torch.float64).contiguous(memory_format=fmt) * 3
+    # then the height changes with the width kept: the grid's rows move in its flat buffer
+    for height, width in ((6, 9), (6, 7), (6, 9), (6, 7), (9, 7), (6, 7)):
+        out = ((height - 2) // 3 + 1) * ((width - 2) // 3 + 1)
+        model[4] = nn.Linear(2 * out, 5).double()  # the head follows the size
+        x = torch.randn(3, 1, height, width, dtype=torch.float64).contiguous(memory_format=fmt) * 3
         y = torch.randint(0, 5, (3,))
         fast = pe.ghost_per_example_grads(model, x, y, workspace=ws)
         _assert_equals_loop(fast, _loop_grads(model, x, y))
+
+
+def test_workspace_reuse_when_only_the_height_changes_on_the_patch_route():
+    """The patch route's zero-padded copy of the input, reused at another height: its border
+    rows move in the flat buffer, so the buffer is keyed by its full shape."""
+    import mechanisms.per_example as pe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 2, 3, padding=1), nn.Tanh(), nn.Flatten(1), nn.Identity()).double()
+    ws = Workspace()
+    for height in (8, 6, 8, 6):
+        model[3] = nn.Linear(2 * height * 5, 5).double()
+        x = torch.randn(3, 12, height, 5, dtype=torch.float64) * 3
+        y = torch.randint(0, 5, (3,))
+        _assert_equals_loop(pe.ghost_per_example_grads(model, x, y, workspace=ws), _loop_grads(model, x, y))
 
 
 def _tied_model():
