@@ -305,8 +305,9 @@ def test_a_workspace_shared_by_a_float32_and_a_float64_model():
     import mechanisms.per_example as pe
 
     ws = Workspace()
+    model = _model("convzoo", (1, 11, 10))
     for dtype in (torch.float32, torch.float64, torch.float32):
-        model = _model("convzoo", (1, 11, 10)).to(dtype)
+        model.to(dtype)  # the same modules (buffers are keyed by module), another dtype
         x, y = torch.randn(4, 1, 11, 10, dtype=dtype) * 3, torch.randint(0, 5, (4,))
         fast = pe.ghost_per_example_grads(model, x, y, workspace=ws)
         slow = _loop_grads(model, x, y)
