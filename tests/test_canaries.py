@@ -388,7 +388,10 @@ def test_the_record_is_the_committed_steps_statistics():
         lot = canaries.draw(0.5, dpsgd_module.poisson_lot)
         lot.released, lot.update = x.clone(), x.clone()
         canaries.record(lot)
-        canaries.discard() if i == 2 else canaries.commit()
+        if i == 2:
+            canaries.discard()
+        else:
+            canaries.commit()
     with pytest.raises(RuntimeError, match="^no pending canary step to commit$"):
         canaries.commit()  # a committed step is not pending any more
     kept = released[[0, 1, 3]].double()
