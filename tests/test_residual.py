@@ -107,7 +107,11 @@ def test_eval_pass_averaging_reduces_variance():
 
 
 def test_models_without_residual_blocks_are_refused():
-    with pytest.raises(ValueError, match="residual blocks"):
+    message = (
+        r"^residual perturbation needs a model with residual blocks \(resnet8, resnet20, or a user "
+        r"model built from mechanisms\.models\.BasicBlock\); this model has none$"
+    )
+    with pytest.raises(ValueError, match=message):
         install_noise(build_model("cnn", (1, 28, 28), 10), ResidualConfig(), seed=0)
     with pytest.raises(ValueError, match="strategy must be"):
         ResidualConfig(strategy="3")
