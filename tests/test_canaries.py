@@ -429,6 +429,12 @@ def test_record_and_commit_refuse_an_unfinished_step():
     canaries.record(lot)
     with pytest.raises(RuntimeError, match="^the mechanism did not set the canaries' law$"):
         canaries.commit()
+    # a discarded step (a rejected screening candidate) cannot be committed afterwards
+    canaries.law = StepLaw("gaussian", scale=1.0, shift=1.0, sample_rate=0.5)
+    canaries.discard()
+    with pytest.raises(RuntimeError, match="^no pending canary step to commit$"):
+        canaries.commit()
+    assert canaries.result().steps == 0 and canaries.candidates == 1  # the refused records count not
 
 
 def test_scatter_and_the_gradient_keep_the_block_dtype():
@@ -450,18 +456,6 @@ def test_scatter_and_the_gradient_keep_the_block_dtype():
     at = canaries.lot_at(schedule, 1)
     assert at.dtype == torch.float64 and at.generator is canaries.generator and at.norm == canaries.norm
     assert torch.equal(at.index, (schedule == 1).nonzero().flatten())
-
-
-def test_a_discarded_step_cannot_be_committed():
-    canaries = GradientCanaries(10, seed=0)
-    canaries.law = StepLaw("gaussian", scale=1.0, shift=1.0, sample_rate=0.5)
-    lot = canaries.draw(0.5, dpsgd_module.poisson_lot)
-    lot.released = lot.update = lot.scatter(1.0)
-    canaries.record(lot)
-    canaries.discard()
-    with pytest.raises(RuntimeError, match="no pending canary step"):
-        canaries.commit()
-    assert canaries.result().steps == 0 and canaries.candidates == 1
 
 
 def test_canary_settings_at_their_edges_and_the_default_norm():

@@ -13,6 +13,7 @@ from mechanisms.per_example import (
     Workspace,
     clip_factors,
     clipped_grad_sum,
+    ghost_per_example_grads,
     ghost_supported,
     per_example_grads,
     shared_parameters,
@@ -48,6 +49,11 @@ def _assert_equals_loop(fast, slow):
     for n in fast:
         for i in range(len(slow)):
             torch.testing.assert_close(fast[n][i], slow[i][n], rtol=1e-10, atol=1e-12)
+
+
+def _assert_ghost_equals_loop(model, x, y, workspace):
+    """The ghost engine's per-example gradients, with ``workspace``, equal the loop's."""
+    _assert_equals_loop(ghost_per_example_grads(model, x, y, workspace=workspace), _loop_grads(model, x, y))
 
 
 def _assert_clipped_equal(got, want, norms):
@@ -119,8 +125,8 @@ CASES = [
 
 def _model(name, shape):
     torch.manual_seed(0)
-    if name in ("seq", "convzoo", "seqghost"):
-        model = {"seq": SeqModel, "convzoo": ConvZoo, "seqghost": SeqGhost}[name]()
+    if name in TEST_MODELS:
+        model = TEST_MODELS[name]()
     else:
         model = build_model(name, shape, 5, seed=0)
     return model.double()
@@ -244,17 +250,22 @@ class Thrice(nn.Module):
         return self.head(torch.cat([h, w], dim=1).mean((2, 3)))
 
 
+TEST_MODELS = {
+    "seq": SeqModel,
+    "convzoo": ConvZoo,
+    "seqghost": SeqGhost,
+    "thrice": Thrice,
+    # a 3x3 input to a 3x3 conv of 16 channels: one output pixel on the patch route
+    "onebyone": lambda: nn.Sequential(nn.Conv2d(16, 4, 3), nn.Tanh(), nn.Flatten(1), nn.Linear(4, 5)),
+}
+
+
 def test_a_module_applied_three_times_keeps_each_use_apart():
     """Both conv routes, three uses each: every use's per-example gradient equals the loop's
     (a shared scratch buffer between two uses would overwrite one with the other)."""
-    import mechanisms.per_example as pe
-
-    torch.manual_seed(0)
-    model = Thrice().double()
+    model = _model("thrice", (2, 6, 6))
     x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64) * 2, torch.randint(0, 5, (5,))
-    _assert_equals_loop(
-        pe.ghost_per_example_grads(model, x, y, workspace=Workspace()), _loop_grads(model, x, y)
-    )
+    _assert_ghost_equals_loop(model, x, y, Workspace())
     got = clipped_grad_sum(model, x, y, clip_norm=0.3, engine="ghost", workspace=Workspace())
     want, norms = _loop_clipped_sum(model, x, y, 0.3)
     _assert_clipped_equal(got, want, norms)
@@ -264,21 +275,11 @@ def test_a_module_applied_three_times_keeps_each_use_apart():
 def test_a_lot_of_one_example_and_a_one_pixel_output(name, shape):
     """Poisson lots of a single example are common at small sample rates; a 3x3 input to a
     3x3 conv of 16 channels leaves one output pixel (the patch route's smallest case)."""
-    import mechanisms.per_example as pe
-
-    if name == "thrice":
-        model = Thrice().double()
-    elif name == "onebyone":
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(16, 4, 3), nn.Tanh(), nn.Flatten(1), nn.Linear(4, 5)).double()
-    else:
-        model = _model(name, shape)
+    model = _model(name, shape)
     assert ghost_supported(model)
     for b in (1, 2):
         x, y = torch.randn(b, *shape, dtype=torch.float64) * 3, torch.randint(0, 5, (b,))
-        _assert_equals_loop(
-            pe.ghost_per_example_grads(model, x, y, workspace=Workspace()), _loop_grads(model, x, y)
-        )
+        _assert_ghost_equals_loop(model, x, y, Workspace())
 
 
 def test_workspace_reuses_its_buffers_grows_with_headroom_and_follows_the_dtype():
@@ -302,14 +303,12 @@ def test_workspace_reuses_its_buffers_grows_with_headroom_and_follows_the_dtype(
 
 
 def test_a_workspace_shared_by_a_float32_and_a_float64_model():
-    import mechanisms.per_example as pe
-
     ws = Workspace()
     model = _model("convzoo", (1, 11, 10))
     for dtype in (torch.float32, torch.float64, torch.float32):
         model.to(dtype)  # the same modules (buffers are keyed by module), another dtype
         x, y = torch.randn(4, 1, 11, 10, dtype=dtype) * 3, torch.randint(0, 5, (4,))
-        fast = pe.ghost_per_example_grads(model, x, y, workspace=ws)
+        fast = ghost_per_example_grads(model, x, y, workspace=ws)
         slow = _loop_grads(model, x, y)
         for n in fast:
             assert fast[n].dtype == dtype
@@ -423,8 +422,6 @@ def test_workspace_reuse_across_input_sizes(channels_last):
     """A workspace reused for inputs of another size (whose padded, stride-phase layout has
     the same shape) gives the loop's gradients: no stale pixels or output gradients remain in
     the zero borders."""
-    import mechanisms.per_example as pe
-
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 3, 8, stride=2, padding=2), nn.Tanh(), nn.Flatten(1, -1), nn.LazyLinear(5)
@@ -434,10 +431,7 @@ def test_workspace_reuse_across_input_sizes(channels_last):
     for size in (28, 27, 28):  # 28 and 27 share the phase-plane shape (16 x 16)
         model[3] = nn.Linear(3 * ((size + 4 - 8) // 2 + 1) ** 2, 5).double()
         x = torch.randn(4, 1, size, size, dtype=torch.float64).contiguous(memory_format=fmt) * 3
-        y = torch.randint(0, 5, (4,))
-        fast = pe.ghost_per_example_grads(model, x, y, workspace=ws)
-        slow = _loop_grads(model, x, y)
-        _assert_equals_loop(fast, slow)
+        _assert_ghost_equals_loop(model, x, torch.randint(0, 5, (4,)), ws)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -446,8 +440,6 @@ def test_workspace_reuse_when_only_the_output_width_changes(channels_last):
     columns) but 3 and 2 real output columns, and the extra column's patches read a real
     pixel: the grid buffer is keyed by the region written, or the previous lot's third column
     would stay in the zero border and enter this lot's gradients."""
-    import mechanisms.per_example as pe
-
     torch.manual_seed(0)
     # the 1x1 convolution after it keeps the first one's output gradient channels-last
     model = nn.Sequential(
@@ -461,24 +453,19 @@ def test_workspace_reuse_when_only_the_output_width_changes(channels_last):
         out = ((height - 2) // 3 + 1) * ((width - 2) // 3 + 1)
         model[4] = nn.Linear(2 * out, 5).double()  # the head follows the size
         x = torch.randn(3, 1, height, width, dtype=torch.float64).contiguous(memory_format=fmt) * 3
-        y = torch.randint(0, 5, (3,))
-        fast = pe.ghost_per_example_grads(model, x, y, workspace=ws)
-        _assert_equals_loop(fast, _loop_grads(model, x, y))
+        _assert_ghost_equals_loop(model, x, torch.randint(0, 5, (3,)), ws)
 
 
 def test_workspace_reuse_when_only_the_height_changes_on_the_patch_route():
     """The patch route's zero-padded copy of the input, reused at another height: its border
     rows move in the flat buffer, so the buffer is keyed by its full shape."""
-    import mechanisms.per_example as pe
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(12, 2, 3, padding=1), nn.Tanh(), nn.Flatten(1), nn.Identity()).double()
     ws = Workspace()
     for height in (8, 6, 8, 6):
         model[3] = nn.Linear(2 * height * 5, 5).double()
         x = torch.randn(3, 12, height, 5, dtype=torch.float64) * 3
-        y = torch.randint(0, 5, (3,))
-        _assert_equals_loop(pe.ghost_per_example_grads(model, x, y, workspace=ws), _loop_grads(model, x, y))
+        _assert_ghost_equals_loop(model, x, torch.randint(0, 5, (3,)), ws)
 
 
 def _tied_model():
