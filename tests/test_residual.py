@@ -276,6 +276,27 @@ def test_slot_seeds_are_distinct_per_purpose_member_and_seed():
     assert not torch.equal(w4.stem[0].weight, w6.stem[0].weight)
 
 
+def test_ensemble_members_draw_initialisation_and_noise_from_separate_seeds():
+    """Member i >= 1 is initialised from ``_slot_seed(seed, i, purpose=1)`` and its noise comes
+    from ``_slot_seed(seed, i)`` (purpose 0): were the two the same seed, a member's initial
+    weights and its noise would be read from one random stream."""
+    import copy
+
+    from mechanisms.residual import _reinitialise, _slot_seed
+
+    config = ResidualConfig(strategy="2", gamma=0.1, ensemble=3)
+    fresh = build_model("resnet8", (1, 12, 12), 10, seed=0)
+    ens = install_noise(copy.deepcopy(fresh), config, seed=9)
+    for i in (1, 2):
+        init_seed, noise_seed = _slot_seed(9, i, purpose=1), _slot_seed(9, i)
+        assert init_seed != noise_seed
+        expected = _reinitialise(copy.deepcopy(fresh), init_seed).state_dict()
+        got = ens.members[i].state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+        assert {b.perturb.generator.initial_seed() for b in residual_blocks(ens.members[i])} == {noise_seed}
+    assert {b.perturb.generator.initial_seed() for b in residual_blocks(ens.members[0])} == {_slot_seed(9, 0)}
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
