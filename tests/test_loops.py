@@ -170,3 +170,41 @@ def test_sound_screening_decides_on_the_clipped_noisy_test_only(monkeypatch):
             and kw["expected_size"] == config.validation_size  # the expected, not the realised, size
         )
         assert value != pytest.approx(raw, abs=1e-12) and value != pytest.approx(clipped, abs=1e-12)  # noised
+
+
+@pytest.mark.parametrize(
+    "mechanism, options, label",
+    [
+        ("sgd", {}, "sgd"),
+        ("dpsgd", {}, "dpsgd"),
+        ("dplis", RECIPES["dplis"], "dplis"),
+        ("encoding", {"top_k": 20, "codebook_size": 4, "denoise": False}, "encoding"),
+        ("screening", RECIPES["screening"], "screening-sound"),
+        ("screening", {**RECIPES["screening"], "variant": "published"}, "screening-published"),
+    ],
+)
+def test_each_loop_labels_its_progress_bar_with_its_mechanism(monkeypatch, mechanism, options, label):
+    """The progress bar names the mechanism that trains (an encoding run labelled "dpsgd" would
+    tell a user the wrong loop is running), counts the planned steps, and is off when asked."""
+    import mechanisms.sgd as sgd_module
+
+    bars = []
+    for module in (dpsgd_module, screening_module, sgd_module):
+        original = module.progress_bar
+
+        def spy(total, desc, enabled, original=original):
+            bars.append((total, desc, enabled))
+            return original(total, desc, enabled)
+
+        monkeypatch.setattr(module, "progress_bar", spy)
+    x, y = _data(n=60)
+    mech = get_mechanism(mechanism)
+    base = {"epochs": 2, "batch_size": 20, "lr": 0.05, "progress": False}
+    if mechanism != "sgd":
+        base["noise_multiplier"] = 1.0
+    config = config_from_mapping(mech.config_type, {**base, **options})
+    model = build_model("mlp", (6,), 3, seed=0).double()
+    mech.train(model, x, y, config=config, generator=torch.Generator().manual_seed(0))
+    # the published variant holds its validation examples out of training
+    trained = 60 - options["validation_size"] if options.get("variant") == "published" else 60
+    assert bars == [(2 * round(trained / 20), label, False)]
