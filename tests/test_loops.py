@@ -208,3 +208,57 @@ def test_each_loop_labels_its_progress_bar_with_its_mechanism(monkeypatch, mecha
     # the published variant holds its validation examples out of training
     trained = 60 - options["validation_size"] if options.get("variant") == "published" else 60
     assert bars == [(2 * round(trained / 20), label, False)]
+
+
+@pytest.mark.parametrize(
+    "mechanism, options",
+    [
+        ("dpsgd", {}),
+        ("dplis", RECIPES["dplis"]),
+        ("encoding", {"top_k": 20, "codebook_size": 4, "denoise": False, "noise": "gaussian"}),
+        ("screening", RECIPES["screening"]),
+        ("screening", {**RECIPES["screening"], "variant": "published"}),
+        ("sgd", {}),
+    ],
+)
+def test_each_loop_returns_its_dp_event_and_its_history(mechanism, options):
+    """A train function's result is the library's API: its DpEvent is what a caller composes
+    further, so its epsilon (a fresh dp-accounting PLD accountant) must be the one recorded, and
+    for DP-SGD, DPlis and Gaussian encoding it is the Poisson-subsampled Gaussian at the run's
+    multiplier composed over its steps; sound screening spends more (its tests are released
+    too). Runs without a formal guarantee return no event. The history has one row per epoch
+    (published screening: per epoch of candidate steps, until enough are accepted)."""
+    import dp_accounting
+
+    def pld_epsilon(event):
+        accountant = dp_accounting.pld.PLDAccountant()
+        accountant.compose(event)
+        return accountant.get_epsilon(1e-5)
+
+    x, y = _data(n=60)
+    mech = get_mechanism(mechanism)
+    base = {"epochs": 2, "batch_size": 20, "lr": 0.05, "progress": False}
+    if mechanism != "sgd":
+        base.update(noise_multiplier=1.2, delta=1e-5)
+    config = config_from_mapping(mech.config_type, {**base, **options})
+    model = build_model("mlp", (6,), 3, seed=0).double()
+    result = mech.train(model, x, y, config=config, generator=torch.Generator().manual_seed(0))
+    epochs = [h["epoch"] for h in result.history]
+    if options.get("variant") == "published":  # runs until enough candidates are accepted
+        assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 2
+    else:
+        assert epochs == [1, 2]
+    assert all(np.isfinite(h["train_loss"]) for h in result.history)
+    p = result.privacy
+    if not p.formal:
+        assert result.event is None
+        return
+    assert pld_epsilon(result.event) == pytest.approx(p.epsilon, rel=1e-9)
+    gaussian = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(p.sample_rate, dp_accounting.GaussianDpEvent(1.2)), p.steps
+    )
+    assert p.noise_multiplier == 1.2 and p.steps == 6
+    if mechanism == "screening":
+        assert p.epsilon > pld_epsilon(gaussian)
+    else:
+        assert p.epsilon == pytest.approx(pld_epsilon(gaussian), rel=1e-9)
