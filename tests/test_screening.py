@@ -329,3 +329,82 @@ def test_the_noisy_test_draws_its_noise_from_the_training_generator():
     torch.manual_seed(2)
     b = noisy_loss_change(before, after, generator=torch.Generator().manual_seed(3), **kw)
     assert a == b != 0.0
+
+
+def _tiny(n=80, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("variant", ["sound", "published"])
+def test_screening_is_reproducible_from_its_generator_and_leaves_the_global_stream_alone(variant):
+    """Every draw (lots, the noisy test, the annealing uniforms) comes from the run's generator:
+    the same generator seed gives the same weights and decisions whatever torch's global stream
+    holds, and the global stream is not advanced."""
+    x, y = _tiny()
+    config = ScreeningConfig(
+        epochs=3,
+        batch_size=16,
+        lr=0.5,
+        noise_multiplier=1.0,
+        validation_size=16,
+        anneal_rate=50.0,
+        variant=variant,
+        progress=False,
+    )
+
+    def run(global_seed):
+        torch.manual_seed(global_seed)
+        state = torch.random.get_rng_state()
+        model = build_model("mlp", (6,), 3, seed=0).double()
+        result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(torch.random.get_rng_state(), state)  # the global stream untouched
+        return result
+
+    first, second = run(0), run(1)
+    assert first.extras == second.extras
+    assert 0 < first.extras["accepted_steps"] < first.extras["candidate_steps"]  # the uniforms decided
+    assert all(torch.equal(first.state_dict[k], second.state_dict[k]) for k in first.state_dict)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_published_screening_records_its_counts_and_the_chosen_accountants_epsilons(accountant):
+    """The extras record counts and the rate by name; both epsilons (accepted steps, every
+    candidate) come from the accountant the run was given; the privacy record names the run's
+    multiplier, clip norm and accountant."""
+    x, y = _tiny()
+    config = ScreeningConfig(
+        epochs=3,
+        batch_size=16,
+        lr=0.5,
+        noise_multiplier=1.1,
+        clip_norm=0.7,
+        validation_size=16,
+        anneal_rate=50.0,
+        variant="published",
+        accountant=accountant,
+        progress=False,
+    )
+    model = build_model("mlp", (6,), 3, seed=0).double()
+    result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(5))
+    x_, p = result.extras, result.privacy
+    accepted, candidates = x_["accepted_steps"], x_["candidate_steps"]
+    assert set(x_) == {
+        "variant",
+        "candidate_steps",
+        "accepted_steps",
+        "acceptance_rate",
+        "forced_acceptances",
+        "epsilon_counting_every_candidate",
+    }
+    assert x_["variant"] == "published" and 0 < accepted < candidates
+    assert x_["acceptance_rate"] == accepted / candidates and 0 <= x_["forced_acceptances"] <= accepted
+    assert (p.noise_multiplier, p.clip_norm, p.accountant, p.steps) == (1.1, 0.7, accountant, accepted)
+
+    def eps(steps):
+        acc = dp_accounting.pld.PLDAccountant() if accountant == "pld" else dp_accounting.rdp.RdpAccountant()
+        acc.compose(dp_accounting.PoissonSampledDpEvent(16 / 64, dp_accounting.GaussianDpEvent(1.1)), steps)
+        return acc.get_epsilon(config.delta)
+
+    assert p.epsilon == pytest.approx(eps(accepted), rel=1e-9)
+    assert x_["epsilon_counting_every_candidate"] == pytest.approx(eps(candidates), rel=1e-9)
