@@ -408,3 +408,16 @@ def test_published_screening_records_its_counts_and_the_chosen_accountants_epsil
 
     assert p.epsilon == pytest.approx(eps(accepted), rel=1e-9)
     assert x_["epsilon_counting_every_candidate"] == pytest.approx(eps(candidates), rel=1e-9)
+
+
+def test_a_one_step_run_records_its_acceptance_rate():
+    """One candidate, accepted (the first always is: its acceptance probability is 1 with no
+    step accepted yet): the rate is 1, not 1/2."""
+    x, y = _tiny(n=64)
+    config = ScreeningConfig(
+        epochs=1, batch_size=64, lr=0.5, noise_multiplier=1.0, validation_size=16, progress=False
+    )
+    model = build_model("mlp", (6,), 3, seed=0).double()
+    result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(5))
+    assert (result.extras["candidate_steps"], result.extras["accepted_steps"]) == (1, 1)
+    assert result.extras["acceptance_rate"] == 1.0
