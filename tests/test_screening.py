@@ -407,7 +407,58 @@ def test_published_screening_records_its_counts_and_the_chosen_accountants_epsil
         return acc.get_epsilon(config.delta)
 
     assert p.epsilon == pytest.approx(eps(accepted), rel=1e-9)
-    assert x_["epsilon_counting_every_candidate"] == pytest.approx(eps(candidates), rel=1e-9)
+    every = x_["epsilon_counting_every_candidate"]
+    assert every == pytest.approx(eps(candidates), rel=1e-9)
+    assert p.sample_rate == 16 / 64 and p.delta == config.delta and result.event is None
+    assert p.note == (
+        f"SA-DPSGD as published: epsilon {p.epsilon:.4g} counts only the {accepted} accepted of "
+        f"{candidates} candidate steps. Not a guarantee: rejected candidates still spend privacy "
+        f"(counting every candidate gives epsilon {every:.4g}), and the acceptance test reads 16 "
+        "held-out training examples without noise, which have no DP protection at all."
+    )
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_sound_screening_records_its_rates_and_the_chosen_accountants_epsilon(accountant):
+    """The sound variant's record: every candidate counted, the test's sample rate, the
+    training and test events composed by the run's accountant, the note word for word."""
+    x, y = _tiny()
+    config = ScreeningConfig(
+        epochs=3,
+        batch_size=16,
+        lr=0.5,
+        noise_multiplier=1.1,
+        clip_norm=0.7,
+        validation_size=20,
+        validation_noise_multiplier=4.0,
+        accountant=accountant,
+        progress=False,
+    )
+    model = build_model("mlp", (6,), 3, seed=0).double()
+    result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(5))
+    x_, p = result.extras, result.privacy
+    assert set(x_) == {
+        "variant",
+        "candidate_steps",
+        "accepted_steps",
+        "acceptance_rate",
+        "forced_acceptances",
+        "validation_sample_rate",
+    }
+    assert x_["validation_sample_rate"] == 20 / 80 and x_["candidate_steps"] == p.steps == 3 * 5
+    assert (p.formal, p.noise_multiplier, p.clip_norm, p.accountant) == (True, 1.1, 0.7, accountant)
+    assert p.sample_rate == 16 / 80 and p.delta == config.delta
+    acc = dp_accounting.pld.PLDAccountant() if accountant == "pld" else dp_accounting.rdp.RdpAccountant()
+    train_event = dp_accounting.PoissonSampledDpEvent(16 / 80, dp_accounting.GaussianDpEvent(1.1))
+    test_event = dp_accounting.PoissonSampledDpEvent(20 / 80, dp_accounting.GaussianDpEvent(4.0))
+    acc.compose(dp_accounting.ComposedDpEvent([train_event, test_event]), 15)
+    assert p.epsilon == pytest.approx(acc.get_epsilon(config.delta), rel=1e-9)
+    assert p.note == (
+        "SA-DPSGD, sound variant: every candidate step counted; the acceptance test releases clipped "
+        "per-example loss differences on a Poisson-sampled batch with Gaussian noise; training "
+        "(q=0.2, sigma=1.1) and test (q=0.25, sigma=4) composed as two Poisson-sampled Gaussian "
+        "events in dp-accounting, add/remove-one adjacency"
+    )
 
 
 def test_a_one_step_run_records_its_acceptance_rate():
