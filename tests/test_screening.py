@@ -472,3 +472,62 @@ def test_a_one_step_run_records_its_acceptance_rate():
     result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(5))
     assert (result.extras["candidate_steps"], result.extras["accepted_steps"]) == (1, 1)
     assert result.extras["acceptance_rate"] == 1.0
+
+
+def test_sound_screening_may_test_on_every_example_but_not_on_more():
+    """validation_size is the test's expected batch size (rate validation_size / N): N is the
+    largest it can be; above that the run is refused by name."""
+    x, y = _tiny(n=40)
+    config = dict(epochs=1, batch_size=10, lr=0.5, noise_multiplier=1.0, progress=False)
+    model = build_model("mlp", (6,), 3, seed=0).double()
+    result = train_screening(
+        model, x, y, config=ScreeningConfig(validation_size=40, **config), generator=torch.Generator()
+    )
+    assert result.extras["validation_sample_rate"] == 1.0
+    with pytest.raises(ValueError, match=r"^validation_size 41 exceeds the 40 training examples$"):
+        train_screening(
+            model, x, y, config=ScreeningConfig(validation_size=41, **config), generator=torch.Generator()
+        )
+
+
+@pytest.mark.parametrize("variant", ["sound", "published"])
+def test_screening_history_is_each_epochs_mean_training_loss(monkeypatch, variant):
+    """Each history row is the mean loss over the examples of that epoch's candidate lots (the
+    lots' summed losses over their sizes), with the counts after that epoch; a cosine schedule
+    runs over the planned steps."""
+    import mechanisms.screening as screening_module
+
+    steps = []
+    original = screening_module.dpsgd_step
+
+    def spy(*args, **kwargs):
+        loss_sum, size = original(*args, **kwargs)
+        steps.append((loss_sum, size))
+        return loss_sum, size
+
+    monkeypatch.setattr(screening_module, "dpsgd_step", spy)
+    x, y = _tiny()
+    config = ScreeningConfig(
+        epochs=3,
+        batch_size=16,
+        lr=0.5,
+        noise_multiplier=1.0,
+        validation_size=16,
+        anneal_rate=50.0,
+        variant=variant,
+        schedule="cosine",
+        progress=False,
+    )
+    model = build_model("mlp", (6,), 3, seed=0).double()
+    result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(5))
+    per_epoch = round((80 - 16 if variant == "published" else 80) / 16)
+    assert len(steps) == result.extras["candidate_steps"]
+    assert len(result.history) == math.ceil(len(steps) / per_epoch)
+    for i, row in enumerate(result.history):
+        epoch = steps[i * per_epoch : (i + 1) * per_epoch]
+        assert row["epoch"] == i + 1
+        assert row["train_loss"] == pytest.approx(
+            sum(s for s, _ in epoch) / sum(n for _, n in epoch), rel=1e-12
+        )
+        assert row["candidate_steps"] == min((i + 1) * per_epoch, len(steps))
+    assert result.history[-1]["accepted_steps"] == result.extras["accepted_steps"]
