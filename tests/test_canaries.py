@@ -131,6 +131,25 @@ def test_screening_releases_only_accepted_steps(data):
     assert record.steps == result.extras["accepted_steps"] < record.candidates  # some were rejected
 
 
+def test_rejected_screening_candidates_leave_the_canary_block_as_it_was(monkeypatch, data):
+    """A rejected candidate is rolled back in the canary block too: were it not, the block's
+    final value (the white-box-final score) would carry steps that were never released."""
+    from mechanisms.screening import Annealer
+
+    def reject(self, delta_e, u):
+        self.candidates += 1
+        self.rejections += 1
+        return False
+
+    monkeypatch.setattr(Annealer, "decide", reject)
+    canaries = GradientCanaries(500, seed=1)
+    options = dict(epochs=2, batch_size=64, lr=2.0, momentum=0.9, noise_multiplier=1.0, validation_size=64)
+    _train("screening", options, data, canaries)
+    record = canaries.result()
+    assert record.steps == 0 and record.candidates == 2 * round(400 / 64)
+    assert torch.equal(record.final, torch.zeros(500, dtype=torch.float64))
+
+
 def test_encoding_canary_is_one_clamped_coordinate():
     config = EncodingConfig(top_k=30, codebook_size=6, noise_multiplier=1.0)
     encoder = Encoder(config, dim=200)
