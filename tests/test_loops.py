@@ -185,16 +185,33 @@ def test_sound_screening_decides_on_the_clipped_noisy_test_only(monkeypatch):
 )
 def test_each_loop_labels_its_progress_bar_with_its_mechanism(monkeypatch, mechanism, options, label):
     """The progress bar names the mechanism that trains (an encoding run labelled "dpsgd" would
-    tell a user the wrong loop is running), counts the planned steps, and is off when asked."""
+    tell a user the wrong loop is running), counts the planned steps, advances one step at a
+    time (published screening: one per accepted candidate) to the end, and is off when asked."""
     import mechanisms.sgd as sgd_module
 
-    bars = []
+    bars, updates = [], []
+
+    class Counted:
+        def __init__(self, bar):
+            self.bar = bar
+
+        def __enter__(self):
+            self.bar.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.bar.__exit__(*exc)
+
+        def update(self, n):
+            updates.append(n)
+            self.bar.update(n)
+
     for module in (dpsgd_module, screening_module, sgd_module):
         original = module.progress_bar
 
         def spy(total, desc, enabled, original=original):
             bars.append((total, desc, enabled))
-            return original(total, desc, enabled)
+            return Counted(original(total, desc, enabled))
 
         monkeypatch.setattr(module, "progress_bar", spy)
     x, y = _data(n=60)
@@ -207,7 +224,9 @@ def test_each_loop_labels_its_progress_bar_with_its_mechanism(monkeypatch, mecha
     mech.train(model, x, y, config=config, generator=torch.Generator().manual_seed(0))
     # the published variant holds its validation examples out of training
     trained = 60 - options["validation_size"] if options.get("variant") == "published" else 60
-    assert bars == [(2 * round(trained / 20), label, False)]
+    total = 2 * round(trained / 20)
+    assert bars == [(total, label, False)]
+    assert sum(updates) == total and all(n in (0, 1) for n in updates)  # the bar ends full, step by step
 
 
 @pytest.mark.parametrize(

@@ -494,15 +494,16 @@ def test_sound_screening_may_test_on_every_example_but_not_on_more():
 def test_screening_history_is_each_epochs_mean_training_loss(monkeypatch, variant):
     """Each history row is the mean loss over the examples of that epoch's candidate lots (the
     lots' summed losses over their sizes), with the counts after that epoch; a cosine schedule
-    runs over the planned steps."""
+    runs over the planned steps. The sound variant stops after the planned candidates."""
     import mechanisms.screening as screening_module
 
-    steps = []
+    steps, at = [], []
     original = screening_module.dpsgd_step
 
     def spy(*args, **kwargs):
         loss_sum, size = original(*args, **kwargs)
         steps.append((loss_sum, size))
+        at.append(kwargs["at"])
         return loss_sum, size
 
     monkeypatch.setattr(screening_module, "dpsgd_step", spy)
@@ -531,3 +532,7 @@ def test_screening_history_is_each_epochs_mean_training_loss(monkeypatch, varian
         )
         assert row["candidate_steps"] == min((i + 1) * per_epoch, len(steps))
     assert result.history[-1]["accepted_steps"] == result.extras["accepted_steps"]
+    # the (epoch, step) a non-finite loss is reported at: candidates numbered within their epoch
+    assert at == [(i // per_epoch + 1, i % per_epoch + 1) for i in range(len(steps))]
+    if variant == "sound":  # every candidate counted: exactly the planned steps
+        assert len(steps) == 3 * per_epoch
