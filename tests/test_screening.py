@@ -341,13 +341,14 @@ def test_screening_is_reproducible_from_its_generator_and_leaves_the_global_stre
     """Every draw (lots, the noisy test, the annealing uniforms) comes from the run's generator:
     the same generator seed gives the same weights and decisions whatever torch's global stream
     holds, and the global stream is not advanced."""
-    x, y = _tiny()
+    x, y = _tiny(n)
+    validation = 16 if n > 3 else 1
     config = ScreeningConfig(
         epochs=3,
-        batch_size=16,
+        batch_size=batch,
         lr=0.5,
         noise_multiplier=1.0,
-        validation_size=16,
+        validation_size=validation,
         anneal_rate=50.0,
         variant=variant,
         progress=False,
@@ -490,11 +491,16 @@ def test_sound_screening_may_test_on_every_example_but_not_on_more():
         )
 
 
-@pytest.mark.parametrize("variant", ["sound", "published"])
-def test_screening_history_is_each_epochs_mean_training_loss(monkeypatch, variant):
+@pytest.mark.parametrize(
+    "variant, n, batch, seed",
+    [("sound", 80, 16, 5), ("published", 80, 16, 5), ("sound", 3, 1, 9)],
+    ids=["sound", "published", "tiny"],
+)
+def test_screening_history_is_each_epochs_mean_training_loss(monkeypatch, variant, n, batch, seed):
     """Each history row is the mean loss over the examples of that epoch's candidate lots (the
     lots' summed losses over their sizes), with the counts after that epoch; a cosine schedule
-    runs over the planned steps. The sound variant stops after the planned candidates."""
+    runs over the planned steps. The sound variant stops after the planned candidates. The tiny
+    case has an epoch whose lots hold one example in all (its mean is that example's loss)."""
     import mechanisms.screening as screening_module
 
     steps, at = [], []
@@ -507,32 +513,36 @@ def test_screening_history_is_each_epochs_mean_training_loss(monkeypatch, varian
         return loss_sum, size
 
     monkeypatch.setattr(screening_module, "dpsgd_step", spy)
-    x, y = _tiny()
+    x, y = _tiny(n)
+    validation = 16 if n > 3 else 1
     config = ScreeningConfig(
         epochs=3,
-        batch_size=16,
+        batch_size=batch,
         lr=0.5,
         noise_multiplier=1.0,
-        validation_size=16,
+        validation_size=validation,
         anneal_rate=50.0,
         variant=variant,
         schedule="cosine",
         progress=False,
     )
     model = build_model("mlp", (6,), 3, seed=0).double()
-    result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(5))
-    per_epoch = round((80 - 16 if variant == "published" else 80) / 16)
+    result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(seed))
+    per_epoch = round((n - validation if variant == "published" else n) / batch)
     assert len(steps) == result.extras["candidate_steps"]
     assert len(result.history) == math.ceil(len(steps) / per_epoch)
+    examples = []
     for i, row in enumerate(result.history):
         epoch = steps[i * per_epoch : (i + 1) * per_epoch]
+        examples.append(sum(size for _, size in epoch))
         assert row["epoch"] == i + 1
-        assert row["train_loss"] == pytest.approx(
-            sum(s for s, _ in epoch) / sum(n for _, n in epoch), rel=1e-12
-        )
+        mean = sum(loss for loss, _ in epoch) / examples[-1] if examples[-1] else 0.0
+        assert row["train_loss"] == pytest.approx(mean, rel=1e-12)
         assert row["candidate_steps"] == min((i + 1) * per_epoch, len(steps))
     assert result.history[-1]["accepted_steps"] == result.extras["accepted_steps"]
     # the (epoch, step) a non-finite loss is reported at: candidates numbered within their epoch
     assert at == [(i // per_epoch + 1, i % per_epoch + 1) for i in range(len(steps))]
     if variant == "sound":  # every candidate counted: exactly the planned steps
         assert len(steps) == 3 * per_epoch
+    if n == 3:
+        assert 1 in examples
