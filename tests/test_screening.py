@@ -241,6 +241,36 @@ def test_bad_options_are_refused():
         )
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(variant="faithful"), r"^variant must be one of sound, published, got 'faithful'$"),
+        (dict(anneal_rate=-1.0), r"^anneal_rate must be a finite number >= 0, got -1.0$"),
+        (dict(anneal_rate=math.inf), r"^anneal_rate must be a finite number >= 0, got inf$"),
+        (dict(anneal_rate=math.nan), r"^anneal_rate must be a finite number >= 0, got nan$"),
+        (dict(max_rejections=-1), r"^max_rejections must be >= 0, got -1$"),
+        (dict(validation_size=0), r"^validation_size must be >= 1, got 0$"),
+        (dict(validation_noise_multiplier=0.0), r"^validation_noise_multiplier must be > 0, got 0.0$"),
+    ],
+)
+def test_screening_options_outside_their_domain_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ScreeningConfig(noise_multiplier=1.0, **kwargs)
+
+
+def test_screening_options_at_the_edges_of_their_domain_are_accepted():
+    """An anneal rate of 0 (every candidate accepted), no rejection tolerated before a forced
+    acceptance, a test of one expected example, a test noise multiplier below 1."""
+    config = ScreeningConfig(
+        noise_multiplier=1.0,
+        anneal_rate=0.0,
+        max_rejections=0,
+        validation_size=1,
+        validation_noise_multiplier=0.5,
+    )
+    assert (config.anneal_rate, config.max_rejections, config.validation_size) == (0.0, 0, 1)
+
+
 def test_summary_says_a_stated_epsilon_is_not_a_bound_and_gives_the_reason():
     from reports.render import render_markdown
 
