@@ -371,14 +371,13 @@ def test_screening_is_reproducible_from_its_generator_and_leaves_the_global_stre
     """Every draw (lots, the noisy test, the annealing uniforms) comes from the run's generator:
     the same generator seed gives the same weights and decisions whatever torch's global stream
     holds, and the global stream is not advanced."""
-    x, y = _tiny(n)
-    validation = 16 if n > 3 else 1
+    x, y = _tiny()
     config = ScreeningConfig(
         epochs=3,
-        batch_size=batch,
+        batch_size=16,
         lr=0.5,
         noise_multiplier=1.0,
-        validation_size=validation,
+        validation_size=16,
         anneal_rate=50.0,
         variant=variant,
         progress=False,
