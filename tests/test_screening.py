@@ -366,28 +366,30 @@ def _tiny(n=80, seed=0):
     return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
+# the extras every screening run records
+COUNTS = ("variant", "candidate_steps", "accepted_steps", "acceptance_rate", "forced_acceptances")
+TINY = dict(epochs=3, batch_size=16, lr=0.5, noise_multiplier=1.0, validation_size=16, progress=False)
+
+
+def _screen(n=80, seed=5, **options):
+    """Screening on ``_tiny(n)`` with a float64 MLP: ``TINY`` overridden by ``options``;
+    returns the result and the configuration."""
+    x, y = _tiny(n)
+    config = ScreeningConfig(**{**TINY, **options})
+    model = build_model("mlp", (6,), 3, seed=0).double()
+    return train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(seed)), config
+
+
 @pytest.mark.parametrize("variant", ["sound", "published"])
 def test_screening_is_reproducible_from_its_generator_and_leaves_the_global_stream_alone(variant):
     """Every draw (lots, the noisy test, the annealing uniforms) comes from the run's generator:
     the same generator seed gives the same weights and decisions whatever torch's global stream
     holds, and the global stream is not advanced."""
-    x, y = _tiny()
-    config = ScreeningConfig(
-        epochs=3,
-        batch_size=16,
-        lr=0.5,
-        noise_multiplier=1.0,
-        validation_size=16,
-        anneal_rate=50.0,
-        variant=variant,
-        progress=False,
-    )
 
     def run(global_seed):
         torch.manual_seed(global_seed)
         state = torch.random.get_rng_state()
-        model = build_model("mlp", (6,), 3, seed=0).double()
-        result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(5))
+        result, _ = _screen(anneal_rate=50.0, variant=variant)
         assert torch.equal(torch.random.get_rng_state(), state)  # the global stream untouched
         return result
 
@@ -402,31 +404,12 @@ def test_published_screening_records_its_counts_and_the_chosen_accountants_epsil
     """The extras record counts and the rate by name; both epsilons (accepted steps, every
     candidate) come from the accountant the run was given; the privacy record names the run's
     multiplier, clip norm and accountant."""
-    x, y = _tiny()
-    config = ScreeningConfig(
-        epochs=3,
-        batch_size=16,
-        lr=0.5,
-        noise_multiplier=1.1,
-        clip_norm=0.7,
-        validation_size=16,
-        anneal_rate=50.0,
-        variant="published",
-        accountant=accountant,
-        progress=False,
+    result, config = _screen(
+        noise_multiplier=1.1, clip_norm=0.7, anneal_rate=50.0, variant="published", accountant=accountant
     )
-    model = build_model("mlp", (6,), 3, seed=0).double()
-    result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(5))
     x_, p = result.extras, result.privacy
     accepted, candidates = x_["accepted_steps"], x_["candidate_steps"]
-    assert set(x_) == {
-        "variant",
-        "candidate_steps",
-        "accepted_steps",
-        "acceptance_rate",
-        "forced_acceptances",
-        "epsilon_counting_every_candidate",
-    }
+    assert set(x_) == {*COUNTS, "epsilon_counting_every_candidate"}
     assert x_["variant"] == "published" and 0 < accepted < candidates
     assert x_["acceptance_rate"] == accepted / candidates and 0 <= x_["forced_acceptances"] <= accepted
     assert (p.noise_multiplier, p.clip_norm, p.accountant, p.steps) == (1.1, 0.7, accountant, accepted)
@@ -452,29 +435,15 @@ def test_published_screening_records_its_counts_and_the_chosen_accountants_epsil
 def test_sound_screening_records_its_rates_and_the_chosen_accountants_epsilon(accountant):
     """The sound variant's record: every candidate counted, the test's sample rate, the
     training and test events composed by the run's accountant, the note word for word."""
-    x, y = _tiny()
-    config = ScreeningConfig(
-        epochs=3,
-        batch_size=16,
-        lr=0.5,
+    result, config = _screen(
         noise_multiplier=1.1,
         clip_norm=0.7,
         validation_size=20,
         validation_noise_multiplier=4.0,
         accountant=accountant,
-        progress=False,
     )
-    model = build_model("mlp", (6,), 3, seed=0).double()
-    result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(5))
     x_, p = result.extras, result.privacy
-    assert set(x_) == {
-        "variant",
-        "candidate_steps",
-        "accepted_steps",
-        "acceptance_rate",
-        "forced_acceptances",
-        "validation_sample_rate",
-    }
+    assert set(x_) == {*COUNTS, "validation_sample_rate"}
     assert x_["validation_sample_rate"] == 20 / 80 and x_["candidate_steps"] == p.steps == 3 * 5
     assert (p.formal, p.noise_multiplier, p.clip_norm, p.accountant) == (True, 1.1, 0.7, accountant)
     assert p.sample_rate == 16 / 80 and p.delta == config.delta
@@ -494,12 +463,7 @@ def test_sound_screening_records_its_rates_and_the_chosen_accountants_epsilon(ac
 def test_a_one_step_run_records_its_acceptance_rate():
     """One candidate, accepted (the first always is: its acceptance probability is 1 with no
     step accepted yet): the rate is 1, not 1/2."""
-    x, y = _tiny(n=64)
-    config = ScreeningConfig(
-        epochs=1, batch_size=64, lr=0.5, noise_multiplier=1.0, validation_size=16, progress=False
-    )
-    model = build_model("mlp", (6,), 3, seed=0).double()
-    result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(5))
+    result, _ = _screen(n=64, epochs=1, batch_size=64)
     assert (result.extras["candidate_steps"], result.extras["accepted_steps"]) == (1, 1)
     assert result.extras["acceptance_rate"] == 1.0
 
@@ -507,17 +471,10 @@ def test_a_one_step_run_records_its_acceptance_rate():
 def test_sound_screening_may_test_on_every_example_but_not_on_more():
     """validation_size is the test's expected batch size (rate validation_size / N): N is the
     largest it can be; above that the run is refused by name."""
-    x, y = _tiny(n=40)
-    config = dict(epochs=1, batch_size=10, lr=0.5, noise_multiplier=1.0, progress=False)
-    model = build_model("mlp", (6,), 3, seed=0).double()
-    result = train_screening(
-        model, x, y, config=ScreeningConfig(validation_size=40, **config), generator=torch.Generator()
-    )
+    result, _ = _screen(n=40, epochs=1, batch_size=10, validation_size=40)
     assert result.extras["validation_sample_rate"] == 1.0
     with pytest.raises(ValueError, match=r"^validation_size 41 exceeds the 40 training examples$"):
-        train_screening(
-            model, x, y, config=ScreeningConfig(validation_size=41, **config), generator=torch.Generator()
-        )
+        _screen(n=40, epochs=1, batch_size=10, validation_size=41)
 
 
 @pytest.mark.parametrize(
@@ -542,21 +499,16 @@ def test_screening_history_is_each_epochs_mean_training_loss(monkeypatch, varian
         return loss_sum, size
 
     monkeypatch.setattr(screening_module, "dpsgd_step", spy)
-    x, y = _tiny(n)
     validation = 16 if n > 3 else 1
-    config = ScreeningConfig(
-        epochs=3,
+    result, _ = _screen(
+        n,
+        seed,
         batch_size=batch,
-        lr=0.5,
-        noise_multiplier=1.0,
         validation_size=validation,
         anneal_rate=50.0,
         variant=variant,
         schedule="cosine",
-        progress=False,
     )
-    model = build_model("mlp", (6,), 3, seed=0).double()
-    result = train_screening(model, x, y, config=config, generator=torch.Generator().manual_seed(seed))
     per_epoch = round((n - validation if variant == "published" else n) / batch)
     assert len(steps) == result.extras["candidate_steps"]
     assert len(result.history) == math.ceil(len(steps) / per_epoch)
