@@ -34,6 +34,8 @@ from mechanisms.encoding import (
 from mechanisms.models import build_model
 from mechanisms.per_example import Workspace
 
+from .oracles import dp_epsilon
+
 
 @settings(max_examples=60, deadline=None)
 @given(
@@ -170,19 +172,13 @@ def _train(tmp_path, name, **options):
     return train_target(req, tmp_path / name)
 
 
-def _eps(event, steps, delta):
-    acc = dp_accounting.pld.PLDAccountant()
-    acc.compose(event, steps)
-    return acc.get_epsilon(delta)
-
-
 def test_gaussian_law_epsilon_equals_dp_accounting_subsampled_gaussian(tmp_path):
     meta = _train(tmp_path, "g", noise="gaussian", noise_multiplier=1.3, quant_clip=2.0)
     p = json.loads((tmp_path / "g" / "model.json").read_text())["privacy"]
     assert meta["privacy"] == p and p["formal"] is True
     q = 64 / meta["members"]
     # ||e||_2 <= quant_clip = sensitivity, noise std 1.3 * quant_clip: multiplier 1.3
-    expected = _eps(
+    expected = dp_epsilon(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.3)), p["steps"], p["delta"]
     )
     assert p["epsilon"] == pytest.approx(expected, rel=1e-9)
@@ -200,7 +196,7 @@ def test_laplace_law_epsilon_equals_dp_accounting_subsampled_laplace_and_calibra
     p = meta["privacy"]
     q = 64 / meta["members"]
     event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.LaplaceDpEvent(p["noise_multiplier"]))
-    assert p["epsilon"] == pytest.approx(_eps(event, p["steps"], p["delta"]), rel=1e-9)
+    assert p["epsilon"] == pytest.approx(dp_epsilon(event, p["steps"], p["delta"]), rel=1e-9)
     assert 0.99 * 3.0 <= p["epsilon"] <= 3.0
 
 
@@ -319,7 +315,7 @@ def test_student_t_run_records_the_gaussian_equivalent_and_its_epsilon(tmp_path)
     assert sigma == pytest.approx(student_t_noise_multiplier(enc.envelope, 1.0, 9.0), rel=1e-12)
     q = 64 / meta["members"]
     event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-    assert p["epsilon"] == pytest.approx(_eps(event, p["steps"], p["delta"]), rel=1e-9)
+    assert p["epsilon"] == pytest.approx(dp_epsilon(event, p["steps"], p["delta"]), rel=1e-9)
     assert x["skipped_steps"] <= p["steps"]
     assert x["noise_law"] == "studentt" and x["top_k"] == enc.k
     assert set(x) == {  # the record's fields, by name
@@ -463,17 +459,17 @@ def test_microbatch_accounting_uses_twice_the_bound(law):
     per_example = Encoder(EncodingConfig(noise_multiplier=1.0, top_k=300, noise=law), 1000)
     micro = Encoder(EncodingConfig(noise_multiplier=1.0, top_k=300, noise=law, microbatch_size=2), 1000)
     q, steps, delta = 0.05, 50, 1e-5
-    got = _eps(micro.event(2.0, q, steps), 1, delta)
+    got = dp_epsilon(micro.event(2.0, q, steps), 1, delta)
     if law == "studentt":
         half = student_t_noise_multiplier(2 * per_example.envelope, 2.0, 9.0)
         assert micro.gaussian_equivalent(2.0) == pytest.approx(half)
         assert half < per_example.gaussian_equivalent(2.0)
         step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(half))
-        expected = _eps(dp_accounting.SelfComposedDpEvent(step, steps), 1, delta)
+        expected = dp_epsilon(dp_accounting.SelfComposedDpEvent(step, steps), 1, delta)
     else:
-        expected = _eps(per_example.event(1.0, q, steps), 1, delta)
+        expected = dp_epsilon(per_example.event(1.0, q, steps), 1, delta)
     assert got == pytest.approx(expected, rel=1e-9)
-    assert got > _eps(per_example.event(2.0, q, steps), 1, delta)
+    assert got > dp_epsilon(per_example.event(2.0, q, steps), 1, delta)
 
 
 def test_microbatch_run_calibrates_and_says_so_and_refuses_gradient_canaries(tmp_path):

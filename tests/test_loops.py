@@ -12,6 +12,8 @@ import mechanisms.screening as screening_module
 from mechanisms import build_model, config_from_mapping, get_mechanism
 from mechanisms.encoding import Encoder, encode
 
+from .oracles import dp_epsilon
+
 
 def _data(n=30, d=6, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -51,6 +53,24 @@ RECIPES = {
     "dplis": {"smooth_samples": 2, "smooth_sigma": 0.0},
     "screening": {"validation_size": 8},
 }
+ENCODING = {"top_k": 20, "codebook_size": 4, "denoise": False}
+
+
+def _train(mechanism, options, x, y, seed=0):
+    """``mechanism`` trained on (x, y) with ``options``, a float64 MLP; returns the result."""
+    mech = get_mechanism(mechanism)
+    config = config_from_mapping(mech.config_type, options)
+    model = build_model("mlp", (6,), 3, seed=0).double()
+    return mech.train(model, x, y, config=config, generator=torch.Generator().manual_seed(seed))
+
+
+def _small_run(mechanism, options):
+    """Two epochs on 60 examples in expected lots of 20 (6 planned steps), progress bar off;
+    noise multiplier 1 unless ``options`` says (none for the non-private baseline)."""
+    base = {"epochs": 2, "batch_size": 20, "lr": 0.05, "progress": False}
+    if mechanism != "sgd":
+        base["noise_multiplier"] = 1.0
+    return _train(mechanism, {**base, **options}, *_data(n=60))
 
 
 @pytest.mark.parametrize("mechanism", [*RECIPES, "encoding"])
@@ -58,12 +78,9 @@ def test_the_loop_draws_poisson_lots(monkeypatch, mechanism):
     """Mutation caught: fixed-size (shuffled) batches instead of Poisson lots."""
     x, y = _data(n=400)
     options = {"epochs": 5, "batch_size": 64, "lr": 0.05, "noise_multiplier": 1.0}
-    options.update(RECIPES.get(mechanism, {"top_k": 20, "codebook_size": 4, "denoise": False}))
+    options.update(RECIPES.get(mechanism, ENCODING))
     lots = _spy_lots(monkeypatch)
-    mech = get_mechanism(mechanism)
-    config = config_from_mapping(mech.config_type, options)
-    model = build_model("mlp", (6,), 3, seed=0).double()
-    mech.train(model, x, y, config=config, generator=torch.Generator().manual_seed(0))
+    _train(mechanism, options, x, y)
     train = [lot for n, q, lot in lots if abs(q - 64 / 400) < 1e-12]
     assert len(train) >= 5 * round(400 / 64)
     sizes = np.array([len(lot) for lot in train])
@@ -178,7 +195,7 @@ def test_sound_screening_decides_on_the_clipped_noisy_test_only(monkeypatch):
         ("sgd", {}, "sgd"),
         ("dpsgd", {}, "dpsgd"),
         ("dplis", RECIPES["dplis"], "dplis"),
-        ("encoding", {"top_k": 20, "codebook_size": 4, "denoise": False}, "encoding"),
+        ("encoding", ENCODING, "encoding"),
         ("screening", RECIPES["screening"], "screening-sound"),
         ("screening", {**RECIPES["screening"], "variant": "published"}, "screening-published"),
     ],
@@ -214,14 +231,7 @@ def test_each_loop_labels_its_progress_bar_with_its_mechanism(monkeypatch, mecha
             return Counted(original(total, desc, enabled))
 
         monkeypatch.setattr(module, "progress_bar", spy)
-    x, y = _data(n=60)
-    mech = get_mechanism(mechanism)
-    base = {"epochs": 2, "batch_size": 20, "lr": 0.05, "progress": False}
-    if mechanism != "sgd":
-        base["noise_multiplier"] = 1.0
-    config = config_from_mapping(mech.config_type, {**base, **options})
-    model = build_model("mlp", (6,), 3, seed=0).double()
-    mech.train(model, x, y, config=config, generator=torch.Generator().manual_seed(0))
+    _small_run(mechanism, options)
     # the published variant holds its validation examples out of training
     trained = 60 - options["validation_size"] if options.get("variant") == "published" else 60
     total = 2 * round(trained / 20)
@@ -234,7 +244,7 @@ def test_each_loop_labels_its_progress_bar_with_its_mechanism(monkeypatch, mecha
     [
         ("dpsgd", {}),
         ("dplis", RECIPES["dplis"]),
-        ("encoding", {"top_k": 20, "codebook_size": 4, "denoise": False, "noise": "gaussian"}),
+        ("encoding", {**ENCODING, "noise": "gaussian"}),
         ("screening", RECIPES["screening"]),
         ("screening", {**RECIPES["screening"], "variant": "published"}),
         ("sgd", {}),
@@ -249,19 +259,8 @@ def test_each_loop_returns_its_dp_event_and_its_history(mechanism, options):
     (published screening: per epoch of candidate steps, until enough are accepted)."""
     import dp_accounting
 
-    def pld_epsilon(event):
-        accountant = dp_accounting.pld.PLDAccountant()
-        accountant.compose(event)
-        return accountant.get_epsilon(1e-5)
-
-    x, y = _data(n=60)
-    mech = get_mechanism(mechanism)
-    base = {"epochs": 2, "batch_size": 20, "lr": 0.05, "progress": False}
-    if mechanism != "sgd":
-        base.update(noise_multiplier=1.2, delta=1e-5)
-    config = config_from_mapping(mech.config_type, {**base, **options})
-    model = build_model("mlp", (6,), 3, seed=0).double()
-    result = mech.train(model, x, y, config=config, generator=torch.Generator().manual_seed(0))
+    private = {} if mechanism == "sgd" else {"noise_multiplier": 1.2, "delta": 1e-5}
+    result = _small_run(mechanism, {**options, **private})
     epochs = [h["epoch"] for h in result.history]
     if options.get("variant") == "published":  # runs until enough candidates are accepted
         assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 2
@@ -272,12 +271,12 @@ def test_each_loop_returns_its_dp_event_and_its_history(mechanism, options):
     if not p.formal:
         assert result.event is None
         return
-    assert pld_epsilon(result.event) == pytest.approx(p.epsilon, rel=1e-9)
+    assert dp_epsilon(result.event, 1, 1e-5) == pytest.approx(p.epsilon, rel=1e-9)
     gaussian = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(p.sample_rate, dp_accounting.GaussianDpEvent(1.2)), p.steps
     )
     assert p.noise_multiplier == 1.2 and p.steps == 6
     if mechanism == "screening":
-        assert p.epsilon > pld_epsilon(gaussian)
+        assert p.epsilon > dp_epsilon(gaussian, 1, 1e-5)
     else:
-        assert p.epsilon == pytest.approx(pld_epsilon(gaussian), rel=1e-9)
+        assert p.epsilon == pytest.approx(dp_epsilon(gaussian, 1, 1e-5), rel=1e-9)

@@ -9,6 +9,11 @@ from mechanisms.models import build_model, residual_blocks
 from mechanisms.residual import NoisySlot, ResidualConfig, SoftmaxEnsemble, install_noise
 
 
+def _noise_seeds(model):
+    """The seeds of the noise generators in ``model``'s residual blocks."""
+    return {b.perturb.generator.initial_seed() for b in residual_blocks(model)}
+
+
 def _pair(strategy, gamma, perturb_at_eval=True):
     plain = build_model("resnet8", (1, 12, 12), 10, seed=0)
     noisy = build_model("resnet8", (1, 12, 12), 10, seed=0)
@@ -245,7 +250,7 @@ def test_the_noise_is_seeded_from_the_run_generator_with_a_full_draw():
         expected = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
         assert expected >= 2**40  # so a seed drawn from a small range could not equal it
         model, result = run(seed)
-        assert {b.perturb.generator.initial_seed() for b in residual_blocks(model)} == {expected}
+        assert _noise_seeds(model) == {expected}
         assert "member" not in result.history[0]  # one member: no member field
         assert result.extras == {
             "strategy": "2",
@@ -293,8 +298,8 @@ def test_ensemble_members_draw_initialisation_and_noise_from_separate_seeds():
         expected = _reinitialise(copy.deepcopy(fresh), init_seed).state_dict()
         got = ens.members[i].state_dict()
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
-        assert {b.perturb.generator.initial_seed() for b in residual_blocks(ens.members[i])} == {noise_seed}
-    assert {b.perturb.generator.initial_seed() for b in residual_blocks(ens.members[0])} == {_slot_seed(9, 0)}
+        assert _noise_seeds(ens.members[i]) == {noise_seed}
+    assert _noise_seeds(ens.members[0]) == {_slot_seed(9, 0)}
 
 
 @pytest.mark.parametrize(
